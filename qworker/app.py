@@ -1,0 +1,168 @@
+"""``App``: the handler registry, publishing, and the settings handlers share."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+from aio_pika.abc import AbstractConnection
+
+from qworker.classify import Classification, Classifier
+from qworker.connection import connect_once, normalise_urls
+from qworker.errors import ConfigurationError
+from qworker.handler import Handler, HandlerFunc, build_handler
+from qworker.publish import DEFAULT_CONFIRM_TIMEOUT, ConfirmedPublisher, build_message
+from qworker.redact import mask_url
+from qworker.retry import RetryPolicy
+from qworker.topology import DEFAULT_DELIVERY_LIMIT, QueueSpec, declare, queue_specs
+
+
+class App:
+    """A set of handlers sharing a broker and failure settings.
+
+    ``url`` is one AMQP URL or the list of a cluster's nodes (tried in order).
+    ``classify`` is an optional app-wide classifier (see :func:`qworker.classify.classify`)
+    and ``default`` the classification of exceptions nothing else recognises.
+    """
+
+    def __init__(
+        self,
+        url: str | Sequence[str] = "amqp://guest:guest@localhost:5672/",
+        name: str = "qworker",
+        *,
+        classify: Classifier | None = None,
+        default: Literal["transient", "permanent"] = "transient",
+        ssl_ca: str | None = None,
+        confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
+    ) -> None:
+        self.urls = normalise_urls(url)
+        self.name = name
+        if classify is not None and not callable(classify):
+            raise ConfigurationError("classify= takes a callable")
+        if default not in ("transient", "permanent"):
+            raise ConfigurationError(f"default must be 'transient' or 'permanent', got {default!r}")
+        self.classifier = classify
+        self.default = Classification(default)
+        self.ssl_ca = ssl_ca
+        self.confirm_timeout = confirm_timeout
+        self.handlers: dict[str, Handler] = {}
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._connection: AbstractConnection | None = None
+        self._owns_connection = False
+        self._publisher: ConfirmedPublisher | None = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r}, urls={[mask_url(u) for u in self.urls]})"
+
+    def handler(
+        self,
+        queue: str,
+        *,
+        retry: RetryPolicy | None = None,
+        transient: type[BaseException] | Sequence[type[BaseException]] = (),
+        permanent: type[BaseException] | Sequence[type[BaseException]] = (),
+        timeout: float | None = None,
+        queue_type: Literal["quorum", "classic"] = "quorum",
+        delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+    ) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Register the decorated coroutine as the handler of ``queue``."""
+
+        def register(func: HandlerFunc) -> HandlerFunc:
+            if queue in self.handlers:
+                raise ConfigurationError(
+                    f"queue {queue!r} already has a handler: {self.handlers[queue].name}"
+                )
+            self.handlers[queue] = build_handler(
+                func,
+                queue,
+                retry=retry,
+                transient=transient,
+                permanent=permanent,
+                timeout=timeout,
+                queue_type=queue_type,
+                delivery_limit=delivery_limit,
+            )
+            return func
+
+        return register
+
+    def topology(self, queues: Sequence[str] | None = None) -> list[QueueSpec]:
+        """Every queue the app's handlers (or those of ``queues``) need, with arguments."""
+        specs: list[QueueSpec] = []
+        for handler in self.select(queues):
+            specs += queue_specs(
+                handler.queue, handler.queue_type, handler.delivery_limit, handler.retry.tiers()
+            )
+        return specs
+
+    def select(self, queues: Sequence[str] | None) -> list[Handler]:
+        """The handlers of ``queues`` (all when None); unknown names are an error."""
+        if queues is None:
+            return list(self.handlers.values())
+        unknown = [q for q in queues if q not in self.handlers]
+        if unknown:
+            raise ConfigurationError(
+                f"no handler for queue(s) {', '.join(unknown)}; known: {', '.join(self.handlers)}"
+            )
+        return [self.handlers[q] for q in queues]
+
+    async def declare(self, queues: Sequence[str] | None = None) -> None:
+        """Declare the topology (idempotent)."""
+        await declare(await self._ensure_connection(), self.topology(queues))
+
+    async def publish(
+        self,
+        queue_or_routing_key: str,
+        payload: Any,
+        *,
+        exchange: str = "",
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Publish ``payload`` and wait for the broker's confirm (raises ``PublishFailed``)."""
+        message = build_message(
+            payload, headers=headers, message_id=message_id, correlation_id=correlation_id
+        )
+        publisher = await self._ensure_publisher()
+        await publisher.publish(message, queue_or_routing_key, exchange=exchange)
+
+    async def _ensure_connection(self) -> AbstractConnection:
+        async with self._lock:
+            if self._connection is None or self._connection.is_closed:
+                self._connection = await connect_once(
+                    self.urls, ca_file=self.ssl_ca, name=f"{self.name}-publisher"
+                )
+                self._owns_connection = True
+                self._publisher = None
+            return self._connection
+
+    async def _ensure_publisher(self) -> ConfirmedPublisher:
+        connection = await self._ensure_connection()
+        async with self._lock:
+            if self._publisher is None or self._publisher.channel.is_closed:
+                channel = await connection.channel(publisher_confirms=True)
+                self._publisher = ConfirmedPublisher(channel, self.confirm_timeout)
+            return self._publisher
+
+    def attach(self, connection: AbstractConnection) -> None:
+        """Publish over a worker's connection (called by the worker on every (re)connect)."""
+        self._connection = connection
+        self._owns_connection = False
+        self._publisher = None
+
+    async def close(self) -> None:
+        """Close the app's own publishing connection, if it opened one."""
+        connection, self._connection, self._publisher = self._connection, None, None
+        if connection is not None and self._owns_connection and not connection.is_closed:
+            await connection.close()
+
+    async def __aenter__(self) -> App:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,359 @@
+"""The one place that acks, nacks, and moves failed messages with confirms.
+
+A :class:`Consumer` serves one handler queue on one channel. For each delivery
+it decodes the payload, runs the handler (with in-process immediate retries if
+the policy asks), and on failure publishes a copy (to a retry tier or the DLQ),
+waits for the broker's confirm, and only then acks the original. When the copy
+is not confirmed, it backs off and returns the original with ``basic.nack``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+
+from qworker import headers as h
+from qworker.classify import Action, Classification, Classifier, Decision, classify, decide
+from qworker.context import Context, PublishFunc
+from qworker.errors import HandlerTimeout
+from qworker.handler import Handler
+from qworker.publish import ConfirmedPublisher
+from qworker.retry import plan_retry
+from qworker.topology import declare, dlq_name, retry_queue, retry_queue_name
+
+_MAX_BACKOFF = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """App-wide settings the consumer applies to every handler."""
+
+    classifier: Classifier | None
+    default: Classification
+    worker_id: str
+
+
+class Consumer:
+    """Runs one handler for the deliveries of its queue."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        policy: Policy,
+        connection: AbstractConnection,
+        publisher: ConfirmedPublisher,
+        publish: PublishFunc,
+        concurrency: int,
+    ) -> None:
+        self.handler = handler
+        self._policy = policy
+        self._connection = connection
+        self._publisher = publisher
+        self._publish = publish
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tiers = set(handler.retry.tiers())
+        self._log = structlog.get_logger("qworker").bind(queue=handler.queue, handler=handler.name)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._publish_failures = 0
+        self._resume_at = 0.0
+        self.in_flight = 0
+
+    # Delivery lifecycle
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        """aio-pika's callback: hand the delivery to a task of our own.
+
+        aiormq cancels its consumer tasks when the channel closes; our own task
+        lets a running handler finish after a connection loss.
+        """
+        task = asyncio.create_task(self._guarded(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _guarded(self, message: AbstractIncomingMessage) -> None:
+        async with self._slots:
+            if self._stopping:
+                await self._settle(message, requeue=True, event="message.returned_on_stop")
+                return
+            if (pause := self._resume_at - time.monotonic()) > 0:
+                await asyncio.sleep(pause)
+            self.in_flight += 1
+            try:
+                await self._process(message)
+            except asyncio.CancelledError:
+                # Grace period over: the handler did not finish; give the message back.
+                await asyncio.shield(
+                    self._settle(message, requeue=True, event="message.returned_on_stop")
+                )
+                raise
+            except Exception:
+                # A bug of ours must not kill the consumer nor lose the message.
+                self._log.exception("message.internal_error", message_id=message.message_id)
+                await self._settle(message, requeue=True, event="message.returned")
+            finally:
+                self.in_flight -= 1
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        handler = self.handler
+        incoming = message.headers or {}
+        failed_before = h.read_attempt(incoming)
+        try:
+            payload = handler.decode(message.body, message.content_type, message.content_encoding)
+        except Exception as exc:
+            await self._fail(message, exc, failed_before + 1, [])
+            return
+        allowed = max(
+            1,
+            min(handler.retry.executions_per_delivery, handler.retry.max_attempts - failed_before),
+        )
+        if allowed == 1:
+            try:
+                await self._run(payload, message, failed_before + 1)
+            except Exception as exc:
+                await self._fail(message, exc, failed_before + 1, [])
+                return
+        else:
+            failures: list[h.Failure] = []
+            try:
+                await self._run_with_immediate_retries(
+                    payload, message, failed_before, allowed, failures
+                )
+            except Exception as exc:
+                earlier = failures[:-1]
+                await self._fail(message, exc, failed_before + len(failures), earlier)
+                return
+        await self._settle(message, event="message.succeeded")
+
+    async def _run(self, payload: Any, message: AbstractIncomingMessage, attempt: int) -> None:
+        handler = self.handler
+        args: tuple[Any, ...] = (payload,)
+        if handler.wants_context:
+            args = (payload, self._context(message, attempt))
+        if handler.timeout is None:
+            await handler.func(*args)
+            return
+        try:
+            async with asyncio.timeout(handler.timeout) as deadline:
+                await handler.func(*args)
+        except TimeoutError:
+            if deadline.expired():
+                raise HandlerTimeout(f"handler exceeded its {handler.timeout:g}s timeout") from None
+            raise
+
+    async def _run_with_immediate_retries(
+        self,
+        payload: Any,
+        message: AbstractIncomingMessage,
+        failed_before: int,
+        allowed: int,
+        failures: list[h.Failure],
+    ) -> None:
+        """Run up to ``allowed`` times in-process while failures are transient (tenacity).
+
+        Every failure is appended to ``failures``, the last one included.
+        """
+
+        def worth_retrying(exc: BaseException) -> bool:
+            decision = self._decide(exc, failed_before + len(failures))
+            return decision.action is Action.RETRY and decision.requested_delay is None
+
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(allowed), retry=retry_if_exception(worth_retrying), reraise=True
+        ):
+            with attempt:
+                number = failed_before + len(failures) + 1
+                try:
+                    await self._run(payload, message, number)
+                except Exception as exc:
+                    failures.append(h.Failure.from_exception(number, exc))
+                    raise
+
+    def _context(self, message: AbstractIncomingMessage, attempt: int) -> Context:
+        return Context(
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            attempt=attempt,
+            headers=message.headers or {},
+            queue=self.handler.queue,
+            log=self._log.bind(
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                attempt=attempt,
+            ),
+            _publish=self._publish,
+        )
+
+    # Failure path
+
+    def _decide(self, exc: BaseException, attempt: int) -> Decision:
+        handler = self.handler
+        classification = classify(
+            exc,
+            permanent=handler.permanent,
+            transient=handler.transient,
+            classifier=self._policy.classifier,
+            default=self._policy.default,
+        )
+        return decide(exc, classification, attempt, handler.retry.max_attempts)
+
+    async def _fail(
+        self,
+        message: AbstractIncomingMessage,
+        exc: BaseException,
+        attempt: int,
+        earlier: Sequence[h.Failure],
+    ) -> None:
+        decision = self._decide(exc, attempt)
+        error = h.ErrorInfo.from_exception(exc)
+        log = self._log.bind(
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            attempt=attempt,
+            error_type=error.error_type,
+            error_message=error.message,
+            classification=decision.classification.value,
+        )
+        origin = h.Origin(
+            queue=self.handler.queue,
+            handler=self.handler.name,
+            exchange=message.exchange or "",
+            routing_key=message.routing_key or "",
+            worker=self._policy.worker_id,
+        )
+        incoming: dict[str, Any] = dict(message.headers or {})
+        if earlier:
+            incoming[h.HISTORY] = [
+                *(f.to_header() for f in h.read_history(incoming)),
+                *(f.to_header() for f in earlier),
+            ]
+        reason = decision.reason.value if decision.reason else None
+        new_headers = h.failure_headers(
+            incoming,
+            error=error,
+            attempt=attempt,
+            classification=decision.classification.value,
+            origin=origin,
+            reason=reason,
+        )
+        if decision.action is Action.RETRY:
+            plan = plan_retry(
+                self.handler.retry,
+                attempt,
+                requested_delay=decision.requested_delay,
+                random_fraction=random.random(),
+            )
+            target = retry_queue_name(self.handler.queue, plan.tier_ms)
+            moved = await self._move(
+                message,
+                target,
+                new_headers,
+                plan.expiration_ms,
+                log,
+                lambda: self._ensure_tier(plan.tier_ms),
+            )
+            if moved:
+                log.warning("message.retry_scheduled", delay=plan.wait_seconds, tier=target)
+        else:
+            target = dlq_name(self.handler.queue)
+            moved = await self._move(message, target, new_headers, None, log, None)
+            if moved:
+                log.error("message.dead_lettered", reason=reason, dlq=target)
+
+    async def _ensure_tier(self, tier_ms: int) -> None:
+        if tier_ms not in self._tiers:
+            await declare(
+                self._connection,
+                [retry_queue(self.handler.queue, tier_ms, self.handler.queue_type)],
+            )
+            self._tiers.add(tier_ms)
+
+    async def _move(
+        self,
+        message: AbstractIncomingMessage,
+        target: str,
+        new_headers: dict[str, Any],
+        expiration_ms: int | None,
+        log: structlog.typing.FilteringBoundLogger,
+        prepare: Callable[[], Awaitable[None]] | None,
+    ) -> bool:
+        """Publish the copy to ``target`` with confirms, then ack; on doubt back off and nack."""
+        copy = aio_pika.Message(
+            message.body,
+            headers=new_headers,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=message.delivery_mode,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            # The original's own TTL is dropped: in a DLQ it would expire the dead letter.
+            expiration=expiration_ms / 1000 if expiration_ms is not None else None,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        try:
+            if prepare is not None:
+                await prepare()
+            await self._publisher.publish(copy, target)
+        except Exception as exc:  # PublishFailed, or the tier could not be declared
+            self._publish_failures += 1
+            pause = min(_MAX_BACKOFF, 0.5 * 2 ** (self._publish_failures - 1))
+            self._resume_at = time.monotonic() + pause
+            log.error("message.move_failed", target=target, error=str(exc), backoff=pause)
+            await asyncio.sleep(pause)
+            await self._settle(message, requeue=True, event="message.returned")
+            return False
+        self._publish_failures = 0
+        await self._settle(message, event=None)
+        return True
+
+    async def _settle(
+        self, message: AbstractIncomingMessage, *, requeue: bool | None = None, event: str | None
+    ) -> None:
+        """Ack (``requeue`` None) or nack; a lost channel means the broker redelivers it."""
+        try:
+            if requeue is None:
+                await message.ack()
+            else:
+                await message.nack(requeue=requeue)
+        except Exception as exc:
+            self._log.warning(
+                "message.settle_lost",
+                message_id=message.message_id,
+                action="ack" if requeue is None else "nack",
+                error=repr(exc),
+                note="channel closed; the broker will redeliver the message",
+            )
+            return
+        if event is not None:
+            self._log.debug(event, message_id=message.message_id)
+
+    # Stopping
+
+    def stop_taking(self) -> None:
+        """Deliveries not yet started are returned instead of run."""
+        self._stopping = True
+
+    async def drain(self, grace: float) -> int:
+        """Wait up to ``grace`` s for running handlers, then cancel the rest; returns how many."""
+        pending = set(self._tasks)
+        if not pending:
+            return 0
+        _, still = await asyncio.wait(pending, timeout=grace)
+        for task in still:
+            task.cancel()
+        if still:
+            await asyncio.wait(still, timeout=5)
+        return len(still)

@@ -1,0 +1,170 @@
+"""A handler: the decorated coroutine, its options, and its payload decoder.
+
+Everything is checked when the decorator runs, so that a mistake fails at
+import time rather than on the first message.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+
+from qworker.classify import ExceptionTypes
+from qworker.context import Context
+from qworker.errors import ConfigurationError, DecodeError
+from qworker.retry import RetryPolicy
+from qworker.topology import QueueType, validate_queue_name
+
+HandlerFunc = Callable[..., Awaitable[Any]]
+Decoder = Callable[[bytes, str | None, str | None], Any]
+
+_JSON_TYPES = ("application/json", "text/json")
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return True
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base in _JSON_TYPES or base.endswith("+json")
+
+
+def _describe(exc: pydantic.ValidationError, type_name: str) -> str:
+    problems = []
+    for error in exc.errors(include_url=False)[:3]:
+        where = ".".join(str(p) for p in error.get("loc", ())) or "body"
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+    return f"payload does not match {type_name}: " + "; ".join(problems) + more
+
+
+def make_decoder(annotation: Any) -> Decoder:
+    """A function (body, content_type, content_encoding) -> payload raising :class:`DecodeError`."""
+    if annotation is bytes:
+        return lambda body, _ct, _ce: body
+
+    def check_encoding(content_encoding: str | None) -> None:
+        if content_encoding and content_encoding.lower() not in ("identity", "utf-8", "utf8"):
+            raise DecodeError(f"content encoding {content_encoding!r} is not supported")
+
+    if annotation is str:
+
+        def decode_text(body: bytes, _ct: str | None, content_encoding: str | None) -> Any:
+            check_encoding(content_encoding)
+            try:
+                return body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DecodeError(f"body is not valid UTF-8 (byte {exc.start})") from None
+
+        return decode_text
+
+    name = getattr(annotation, "__name__", None) or str(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        validate: Callable[[bytes], Any] = annotation.model_validate_json
+    else:
+        try:
+            validate = pydantic.TypeAdapter(annotation).validate_json
+        except pydantic.PydanticSchemaGenerationError as exc:
+            raise ConfigurationError(f"cannot decode payloads of type {name}: {exc}") from None
+
+    def decode_json(body: bytes, content_type: str | None, content_encoding: str | None) -> Any:
+        if not _is_json(content_type):
+            raise DecodeError(f"content type {content_type!r} is not JSON (handler expects {name})")
+        check_encoding(content_encoding)
+        try:
+            return validate(body)
+        except pydantic.ValidationError as exc:
+            raise DecodeError(_describe(exc, name)) from None
+
+    return decode_json
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A registered handler and everything needed to run it."""
+
+    queue: str
+    func: HandlerFunc
+    name: str
+    decode: Decoder
+    wants_context: bool
+    retry: RetryPolicy
+    transient: ExceptionTypes
+    permanent: ExceptionTypes
+    timeout: float | None
+    queue_type: QueueType
+    delivery_limit: int
+
+
+def _exception_types(value: Any, option: str) -> ExceptionTypes:
+    types = value if isinstance(value, tuple | list) else (value,)
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, BaseException)):
+            raise ConfigurationError(f"{option}= takes exception classes, got {t!r}")
+    return tuple(types)
+
+
+def build_handler(
+    func: HandlerFunc,
+    queue: str,
+    *,
+    retry: RetryPolicy | None,
+    transient: Any,
+    permanent: Any,
+    timeout: float | None,
+    queue_type: str,
+    delivery_limit: int,
+) -> Handler:
+    """Validate the decorator's arguments and the function's signature."""
+    validate_queue_name(queue)
+    if not inspect.iscoroutinefunction(func):
+        raise ConfigurationError(f"handler {func.__qualname__} must be an async def function")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise ConfigurationError("retry= takes a RetryPolicy")
+    if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+        raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if queue_type not in ("quorum", "classic"):
+        raise ConfigurationError(f"queue_type must be 'quorum' or 'classic', got {queue_type!r}")
+    if (
+        isinstance(delivery_limit, bool)
+        or not isinstance(delivery_limit, int)
+        or delivery_limit < 1
+    ):
+        raise ConfigurationError(f"delivery_limit must be a positive int, got {delivery_limit!r}")
+
+    params = list(inspect.signature(func).parameters.values())
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"cannot resolve annotations of {func.__qualname__}: {exc}"
+        ) from None
+    payload = [p for p in params if hints.get(p.name) is not Context]
+    context = [p for p in params if hints.get(p.name) is Context]
+    if len(payload) != 1 or len(context) > 1:
+        raise ConfigurationError(
+            f"handler {func.__qualname__} must take one payload parameter and optionally "
+            "one parameter annotated Context"
+        )
+    if payload[0].name not in hints:
+        raise ConfigurationError(
+            f"annotate the payload parameter {payload[0].name!r} of {func.__qualname__} "
+            "(a pydantic model, dict, list, str or bytes)"
+        )
+    return Handler(
+        queue=queue,
+        func=func,
+        name=f"{func.__module__}:{func.__qualname__}",
+        decode=make_decoder(hints[payload[0].name]),
+        wants_context=bool(context),
+        retry=retry or RetryPolicy(),
+        transient=_exception_types(transient, "transient"),
+        permanent=_exception_types(permanent, "permanent"),
+        timeout=float(timeout) if timeout is not None else None,
+        queue_type=typing.cast(QueueType, queue_type),
+        delivery_limit=delivery_limit,
+    )

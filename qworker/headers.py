@@ -1,0 +1,283 @@
+"""The ``x-qworker-*`` headers: names, reading them safely, writing them capped.
+
+Pure functions. Headers arrive from producers and are untrusted: every reader
+here accepts any value of any type and falls back to a safe default, and every
+writer drops foreign ``x-qworker-*`` keys so that a forged header can neither
+grow a message without bound nor survive into a dead letter as if it were ours.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from qworker.redact import redact
+
+PREFIX = "x-qworker-"
+ATTEMPT = "x-qworker-attempt"
+FIRST_FAILURE_AT = "x-qworker-first-failure-at"
+LAST_FAILURE_AT = "x-qworker-last-failure-at"
+ERROR_TYPE = "x-qworker-error-type"
+ERROR_MESSAGE = "x-qworker-error-message"
+ERROR_TRACEBACK = "x-qworker-error-traceback"
+CLASSIFICATION = "x-qworker-classification"
+REASON = "x-qworker-reason"
+QUEUE = "x-qworker-queue"
+HANDLER = "x-qworker-handler"
+ORIGINAL_EXCHANGE = "x-qworker-original-exchange"
+ORIGINAL_ROUTING_KEY = "x-qworker-original-routing-key"
+WORKER = "x-qworker-worker"
+HISTORY = "x-qworker-history"
+REPLAY_COUNT = "x-qworker-replay-count"
+REPLAYED_AT = "x-qworker-replayed-at"
+
+#: Failure headers that replay resets.
+FAILURE_HEADERS = frozenset(
+    {
+        ATTEMPT,
+        FIRST_FAILURE_AT,
+        LAST_FAILURE_AT,
+        ERROR_TYPE,
+        ERROR_MESSAGE,
+        ERROR_TRACEBACK,
+        CLASSIFICATION,
+        REASON,
+        WORKER,
+        HISTORY,
+    }
+)
+
+MESSAGE_LIMIT = 2 * 1024
+TRACEBACK_LIMIT = 16 * 1024
+HISTORY_MESSAGE_LIMIT = 512
+HISTORY_LENGTH = 10
+NAME_LIMIT = 255
+TOTAL_LIMIT = 64 * 1024
+#: Forged attempt counts are clamped to this; far above any sane max_attempts.
+ATTEMPT_LIMIT = 1_000_000
+_TRUNCATED = "...[truncated]"
+
+
+def now_iso() -> str:
+    """The current UTC time as ISO 8601 with milliseconds."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def truncate(text: str, limit: int, *, keep_tail: bool = False) -> str:
+    """Cut ``text`` to at most ``limit`` UTF-8 bytes, marking the cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    room = max(0, limit - len(_TRUNCATED))
+    if keep_tail:
+        return _TRUNCATED + data[-room:].decode("utf-8", "ignore")
+    return data[:room].decode("utf-8", "ignore") + _TRUNCATED
+
+
+def error_type_name(exc: BaseException) -> str:
+    """The fully qualified class name, e.g. ``builtins.KeyError``."""
+    cls = type(exc)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """A failure, redacted and capped, ready to be written to headers and logs."""
+
+    error_type: str
+    message: str
+    traceback: str
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        """Capture ``exc`` with its chained causes."""
+        formatted = "".join(traceback.format_exception(exc))
+        return cls(
+            error_type=error_type_name(exc),
+            message=truncate(redact(str(exc)), MESSAGE_LIMIT),
+            traceback=truncate(redact(formatted), TRACEBACK_LIMIT, keep_tail=True),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One entry of ``x-qworker-history``."""
+
+    attempt: int
+    at: str
+    error_type: str
+    error_message: str
+
+    @classmethod
+    def from_exception(cls, attempt: int, exc: BaseException) -> Failure:
+        """A history entry for ``exc`` (no traceback), redacted and capped."""
+        message = truncate(redact(str(exc)), HISTORY_MESSAGE_LIMIT)
+        return cls(attempt, now_iso(), error_type_name(exc), message)
+
+    def to_header(self) -> dict[str, Any]:
+        return {
+            "attempt": self.attempt,
+            "at": self.at,
+            "error_type": self.error_type,
+            "error_message": self.error_message,
+        }
+
+
+# Readers: any input, safe output.
+
+
+def read_int(headers: Mapping[str, Any] | None, name: str) -> int:
+    """A non-negative int header, clamped to ``ATTEMPT_LIMIT``; 0 when absent or garbage."""
+    value = (headers or {}).get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return min(max(value, 0), ATTEMPT_LIMIT)
+
+
+def read_attempt(headers: Mapping[str, Any] | None) -> int:
+    """Failed attempts so far (``x-qworker-attempt``), sanitised."""
+    return read_int(headers, ATTEMPT)
+
+
+def read_str(headers: Mapping[str, Any] | None, name: str, limit: int = NAME_LIMIT) -> str | None:
+    """A string header (bytes decoded leniently), capped; None when absent or not text."""
+    value = (headers or {}).get(name)
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return None
+    return truncate(value, limit)
+
+
+def read_history(headers: Mapping[str, Any] | None) -> list[Failure]:
+    """The failure history, keeping only well-formed entries (at most the last 10)."""
+    raw = (headers or {}).get(HISTORY)
+    if not isinstance(raw, list | tuple):
+        return []
+    history: list[Failure] = []
+    for entry in list(raw)[-HISTORY_LENGTH:]:
+        if not isinstance(entry, Mapping):
+            continue
+        history.append(
+            Failure(
+                attempt=read_int(entry, "attempt"),
+                at=read_str(entry, "at", 64) or "",
+                error_type=read_str(entry, "error_type") or "",
+                error_message=read_str(entry, "error_message", HISTORY_MESSAGE_LIMIT) or "",
+            )
+        )
+    return history
+
+
+def foreign_removed(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of ``headers`` without any ``x-qworker-*`` key (user headers kept as they were)."""
+    return {k: v for k, v in (headers or {}).items() if not k.startswith(PREFIX)}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a delivery came from and who handles it."""
+
+    queue: str
+    handler: str
+    exchange: str
+    routing_key: str
+    worker: str
+
+
+def failure_headers(
+    incoming: Mapping[str, Any] | None,
+    *,
+    error: ErrorInfo,
+    attempt: int,
+    classification: str,
+    origin: Origin,
+    reason: str | None = None,
+    at: str | None = None,
+) -> dict[str, Any]:
+    """The headers of the copy published after failed attempt number ``attempt``.
+
+    User headers are kept; all ``x-qworker-*`` headers are rewritten from
+    sanitised values, and together stay under ``TOTAL_LIMIT`` bytes.
+    """
+    at = at or now_iso()
+    history = read_history(incoming)
+    history.append(
+        Failure(attempt, at, error.error_type, truncate(error.message, HISTORY_MESSAGE_LIMIT))
+    )
+    ours: dict[str, Any] = {
+        ATTEMPT: attempt,
+        FIRST_FAILURE_AT: read_str(incoming, FIRST_FAILURE_AT, 64) or at,
+        LAST_FAILURE_AT: at,
+        ERROR_TYPE: truncate(error.error_type, NAME_LIMIT),
+        ERROR_MESSAGE: error.message,
+        ERROR_TRACEBACK: error.traceback,
+        CLASSIFICATION: classification,
+        QUEUE: truncate(origin.queue, NAME_LIMIT),
+        HANDLER: truncate(origin.handler, NAME_LIMIT),
+        ORIGINAL_EXCHANGE: _kept(incoming, ORIGINAL_EXCHANGE, origin.exchange),
+        ORIGINAL_ROUTING_KEY: _kept(incoming, ORIGINAL_ROUTING_KEY, origin.routing_key),
+        WORKER: truncate(origin.worker, NAME_LIMIT),
+        HISTORY: [f.to_header() for f in history[-HISTORY_LENGTH:]],
+    }
+    if reason is not None:
+        ours[REASON] = reason
+    replays = read_int(incoming, REPLAY_COUNT)
+    if replays:
+        ours[REPLAY_COUNT] = replays
+        ours[REPLAYED_AT] = read_str(incoming, REPLAYED_AT, 64) or ""
+    _fit(ours)
+    return {**foreign_removed(incoming), **ours}
+
+
+def replay_headers(incoming: Mapping[str, Any] | None, *, at: str | None = None) -> dict[str, Any]:
+    """The headers of a replayed dead letter: failure context reset, replay counted.
+
+    Origin headers (queue, handler, original exchange and routing key) are kept,
+    sanitised, so that a later failure still records where the message began.
+    """
+    kept = {
+        name: value
+        for name in (QUEUE, HANDLER, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY)
+        if (value := read_str(incoming, name)) is not None
+    }
+    return {
+        **foreign_removed(incoming),
+        **kept,
+        REPLAY_COUNT: read_int(incoming, REPLAY_COUNT) + 1,
+        REPLAYED_AT: at or now_iso(),
+    }
+
+
+def _kept(incoming: Mapping[str, Any] | None, name: str, fallback: str) -> str:
+    value = read_str(incoming, name)
+    return truncate(fallback, NAME_LIMIT) if value is None else value
+
+
+def encoded_size(value: Any) -> int:
+    """An upper estimate of a header value's size on the wire, in bytes."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "replace")) + 5
+    if isinstance(value, Mapping):
+        return sum(len(k) + 1 + encoded_size(v) for k, v in value.items()) + 5
+    if isinstance(value, list | tuple):
+        return sum(encoded_size(v) for v in value) + 5
+    return 9
+
+
+def _fit(ours: dict[str, Any]) -> None:
+    """Shrink the traceback, then the history, until all our headers fit ``TOTAL_LIMIT``."""
+
+    def total() -> int:
+        return sum(len(k) + 1 + encoded_size(v) for k, v in ours.items())
+
+    excess = total() - TOTAL_LIMIT
+    if excess > 0:
+        tb = ours[ERROR_TRACEBACK]
+        room = max(256, len(tb.encode("utf-8", "replace")) - excess)
+        ours[ERROR_TRACEBACK] = truncate(tb, room, keep_tail=True)
+    while total() > TOTAL_LIMIT and ours[HISTORY]:
+        ours[HISTORY] = ours[HISTORY][1:]

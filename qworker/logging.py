@@ -1,0 +1,52 @@
+"""structlog setup: console on a terminal, JSON lines otherwise, secrets redacted.
+
+Per-message success events are logged at DEBUG, so that with the default INFO
+level they cost one level comparison and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import structlog
+
+from qworker.redact import redact
+
+LogFormat = Literal["json", "console"]
+
+
+def redact_values(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor that masks secrets in every string value."""
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = redact(value)
+    return event_dict
+
+
+def configure_logging(log_format: LogFormat | None = None, level: str = "INFO") -> None:
+    """Configure structlog for a worker process (idempotent)."""
+    if log_format is None:
+        log_format = "console" if sys.stdout.isatty() else "json"
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if log_format == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_values,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )

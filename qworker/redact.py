@@ -1,0 +1,53 @@
+"""Redaction of secrets in text that leaves the process (headers, logs, terminal).
+
+Pure functions. Redaction is best effort by pattern: credentials in URLs,
+``Bearer``/``Basic`` tokens, and values of keys that look secret
+(password, secret, token, authorization, api_key, ...).
+"""
+
+from __future__ import annotations
+
+import re
+
+MASK = "***"
+
+_URL_CREDENTIALS = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s@/]*@")
+_AUTH_SCHEME = re.compile(r"(?i)\b(?P<scheme>bearer|basic|digest)\s+[A-Za-z0-9._~+/=-]{4,}")
+_SECRET_KEY = (
+    r"[\w-]*(?:passw(?:or)?d|pwd|secret|token|api[_-]?key|apikey|authorization"
+    r"|credentials?|private[_-]?key|access[_-]?key)[\w-]*"
+)
+_KEY_VALUE = re.compile(
+    r"(?i)(?P<key>[\"']?\b" + _SECRET_KEY + r"[\"']?)(?P<sep>\s*[:=]\s*)"
+    r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s,;&\"'}\])]+)"
+)
+
+
+def _mask_value(match: re.Match[str]) -> str:
+    value = match.group("value")
+    if value == MASK or value.strip("\"'") == MASK:
+        return match.group(0)
+    quote = value[0] if value[:1] in ("'", '"') else ""
+    return f"{match.group('key')}{match.group('sep')}{quote}{MASK}{quote}"
+
+
+def redact(text: str) -> str:
+    """Return ``text`` with secrets replaced by ``***``."""
+    text = _URL_CREDENTIALS.sub(rf"\g<head>{MASK}@", text)
+    text = _AUTH_SCHEME.sub(rf"\g<scheme> {MASK}", text)
+    return _KEY_VALUE.sub(_mask_value, text)
+
+
+def mask_url(url: str) -> str:
+    """``amqp://user:secret@host/vh`` -> ``amqp://user:***@host/vh``; query secrets masked too."""
+    return redact(url)
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_control(text: str, *, keep_newlines: bool = False) -> str:
+    """Escape control characters (ANSI escape sequences included) for a terminal."""
+    if keep_newlines:
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text).replace("\n", "\\n")

@@ -1,0 +1,132 @@
+"""Queue names and arguments for a handler queue, and their idempotent declaration.
+
+For a work queue ``Q``: ``Q`` itself, one ``Q.retry.<tier>`` waiting room per
+delay tier (TTL, then dead-lettered back to ``Q``), and ``Q.dlq``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aio_pika
+import aiormq
+
+from qworker.errors import ConfigurationError
+from qworker.retry import tier_name
+
+QueueType = Literal["quorum", "classic"]
+
+DEFAULT_DELIVERY_LIMIT = 10
+#: Quorum DLQs get a delivery limit no inspection can reach, because RabbitMQ 4.x
+#: gives quorum queues a default limit of 20 and drops messages past it.
+DLQ_DELIVERY_LIMIT = 1_000_000_000
+_MAX_NAME_BYTES = 255
+_LONGEST_SUFFIX = len(".retry.") + len("604800000ms")
+
+
+def dlq_name(queue: str) -> str:
+    """The dead-letter queue of ``queue``."""
+    return f"{queue}.dlq"
+
+
+def retry_queue_name(queue: str, tier_ms: int) -> str:
+    """The waiting room of ``queue`` for ``tier_ms``: ``orders.retry.2s``."""
+    return f"{queue}.retry.{tier_name(tier_ms)}"
+
+
+def validate_queue_name(queue: str) -> None:
+    """Reject names the broker would refuse, or that leave no room for the suffixes."""
+    if not queue or not isinstance(queue, str):
+        raise ConfigurationError("a handler needs a non-empty queue name")
+    if queue.startswith("amq."):
+        raise ConfigurationError(f"queue names starting with 'amq.' are reserved: {queue!r}")
+    if len(queue.encode()) + _LONGEST_SUFFIX > _MAX_NAME_BYTES:
+        raise ConfigurationError(f"queue name too long (max ~230 bytes): {queue[:40]!r}...")
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A queue to declare: its name, its role and its arguments."""
+
+    name: str
+    role: Literal["work", "retry", "dlq"]
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+def _at_least_once(queue_type: QueueType) -> dict[str, Any]:
+    # Quorum queues dead-letter at-most-once unless told otherwise; at-least-once
+    # needs reject-publish overflow. Classic queues dead-letter internally.
+    if queue_type == "quorum":
+        return {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+    return {}
+
+
+def work_queue(queue: str, queue_type: QueueType, delivery_limit: int) -> QueueSpec:
+    """The work queue: broker-side dead-letter route to the DLQ as a safety net."""
+    args: dict[str, Any] = {
+        "x-queue-type": queue_type,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dlq_name(queue),
+        **_at_least_once(queue_type),
+    }
+    if queue_type == "quorum":
+        args["x-delivery-limit"] = delivery_limit
+    return QueueSpec(queue, "work", args)
+
+
+def retry_queue(queue: str, tier_ms: int, queue_type: QueueType) -> QueueSpec:
+    """A waiting room: holds messages ``tier_ms``, then dead-letters them back to ``queue``."""
+    args: dict[str, Any] = {
+        "x-queue-type": queue_type,
+        "x-message-ttl": tier_ms,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+        **_at_least_once(queue_type),
+    }
+    return QueueSpec(retry_queue_name(queue, tier_ms), "retry", args)
+
+
+def dead_letter_queue(queue: str, queue_type: QueueType) -> QueueSpec:
+    """The DLQ: no TTL, a full DLQ rejects publishes instead of dropping its head."""
+    args: dict[str, Any] = {"x-queue-type": queue_type, "x-overflow": "reject-publish"}
+    if queue_type == "quorum":
+        args["x-delivery-limit"] = DLQ_DELIVERY_LIMIT
+    return QueueSpec(dlq_name(queue), "dlq", args)
+
+
+def queue_specs(
+    queue: str, queue_type: QueueType, delivery_limit: int, tiers: list[int]
+) -> list[QueueSpec]:
+    """Every queue of one handler, DLQ first so that the safety net exists before work arrives."""
+    return [
+        dead_letter_queue(queue, queue_type),
+        work_queue(queue, queue_type, delivery_limit),
+        *(retry_queue(queue, tier, queue_type) for tier in tiers),
+    ]
+
+
+async def declare(connection: aio_pika.abc.AbstractConnection, specs: list[QueueSpec]) -> None:
+    """Declare ``specs`` durably; a queue that exists with other arguments is a clear error.
+
+    Each declaration gets its own channel because a failed declaration closes it.
+    """
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        for spec in specs:
+            try:
+                await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise ConfigurationError(
+                    f"queue {spec.name!r} already exists with different arguments "
+                    f"({_reply_text(exc)}); delete it or declare it with matching settings"
+                ) from None
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+def _reply_text(exc: aiormq.exceptions.AMQPError) -> str:
+    frame = exc.args[1] if len(exc.args) > 1 else None
+    text = getattr(frame, "reply_text", None) or str(exc)
+    return str(text)[:200]
