@@ -1,0 +1,175 @@
+"""The ``qworker`` command line: ``run``, ``topology`` and ``dlq``.
+
+Exit codes: 0 success; 1 runtime failure (broker unreachable, queue missing,
+unreadable file, ...); 2 bad usage or arguments; 3 the app cannot be loaded or is
+misconfigured. Failures are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from qworker.app import App
+from qworker.connection import normalise_urls
+from qworker.errors import ConfigurationError, QworkerError
+from qworker.logging import configure_logging
+from qworker.redact import escape_control, mask_url, redact
+from qworker.worker import DEFAULT_CONCURRENCY, DEFAULT_GRACE, Worker
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_APP = 3
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+
+T = TypeVar("T")
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    """Print one escaped, redacted line to stderr and exit with ``code``."""
+    click.echo(f"qworker: error: {escape_control(redact(message))}", err=True)
+    sys.exit(code)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; turn any failure into one line on stderr."""
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except ConfigurationError as exc:
+        fail(str(exc), EXIT_APP)
+    except QworkerError as exc:
+        fail(str(exc))
+    except Exception as exc:
+        if os.environ.get("QWORKER_DEBUG"):
+            raise
+        fail(f"{type(exc).__name__}: {exc}")
+
+
+def load_app(spec: str, url: str | None = None) -> App:
+    """Import ``module:attribute`` (from the current directory too) and return the App."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        fail(f"APP must look like module:attribute, got {spec!r}", EXIT_USAGE)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        fail(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}", EXIT_APP)
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        fail(f"{spec!r} is not a qworker App (got {type(app).__name__})", EXIT_APP)
+    if url:
+        try:
+            app.urls = normalise_urls(url.split(","))
+        except ConfigurationError as exc:
+            fail(str(exc), EXIT_USAGE)
+    return app
+
+
+def url_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--url``, also read from ``QWORKER_URL``; several cluster nodes separated by commas."""
+    return click.option(
+        "--url",
+        envvar="QWORKER_URL",
+        default=None,
+        help="Broker URL(s), comma separated (env QWORKER_URL). Default: the app's own URL.",
+    )(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qworker")
+def cli() -> None:
+    """RabbitMQ workers that fail well, and the tool to inspect and replay dead letters."""
+
+
+@cli.command()
+@click.argument("app_spec", metavar="APP")
+@click.option("--queues", help="Comma-separated queues to consume (default: every handler's).")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="Handlers running at once, per queue.",
+)
+@click.option(
+    "--prefetch",
+    type=click.IntRange(1),
+    default=None,
+    help="Unacked deliveries held per queue (default and minimum: concurrency).",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(0),
+    default=DEFAULT_GRACE,
+    show_default=True,
+    help="Seconds in-flight handlers get to finish after SIGTERM/SIGINT.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "console"]),
+    default=None,
+    help="Default: console on a terminal, JSON otherwise.",
+)
+@click.option("--log-level", default="INFO", show_default=True)
+@url_option
+def run(
+    app_spec: str,
+    queues: str | None,
+    concurrency: int,
+    prefetch: int | None,
+    grace: float,
+    log_format: str | None,
+    log_level: str,
+    url: str | None,
+) -> None:
+    """Run a worker for APP (module:attribute) until SIGTERM or SIGINT."""
+    configure_logging(log_format, log_level)  # type: ignore[arg-type]
+    app = load_app(app_spec, url)
+    selected = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    try:
+        worker = Worker(
+            app, queues=selected, concurrency=concurrency, prefetch=prefetch, grace=grace
+        )
+    except ConfigurationError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    run_async(serve())
+
+
+@cli.command()
+@click.argument("app_spec", metavar="APP")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per queue.")
+def topology(app_spec: str, as_json: bool) -> None:
+    """Print the queues, retry tiers and arguments APP declares."""
+    app = load_app(app_spec)
+    for spec in app.topology():
+        if as_json:
+            record = {"name": spec.name, "role": spec.role, "arguments": spec.arguments}
+            click.echo(json.dumps(record))
+        else:
+            args = " ".join(f"{k}={v}" for k, v in spec.arguments.items())
+            click.echo(f"{spec.role:<6} {escape_control(spec.name)}  {args}")
+    click.echo(f"broker: {', '.join(mask_url(u) for u in app.urls)}", err=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="qworker")
