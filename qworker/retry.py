@@ -40,6 +40,12 @@ class RetryPolicy:
     immediate: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("initial_delay", "multiplier", "max_delay", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigurationError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ConfigurationError(f"{name} must be finite, got {value!r}")
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
             raise ConfigurationError("max_attempts must be an int")
         if self.max_attempts < 1:
