@@ -68,8 +68,10 @@ class RetryPolicy:
     def delay(self, retry_number: int) -> float:
         """Seconds to wait before the ``retry_number``-th delayed retry (1-based), no jitter."""
         exponent = max(0, retry_number - 1)
-        # Cap the exponent so that a forged attempt count cannot overflow a float.
-        raw = self.initial_delay * self.multiplier ** min(exponent, 1000)
+        try:
+            raw = self.initial_delay * self.multiplier ** min(exponent, 1000)
+        except OverflowError:  # a forged attempt count with a multiplier above 2
+            raw = math.inf if self.initial_delay > 0 else 0.0
         return min(raw, self.max_delay)
 
     @property
