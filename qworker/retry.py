@@ -97,6 +97,8 @@ def to_ms(seconds: float) -> int:
     """Seconds to whole milliseconds, rounded up and clamped to the tier range."""
     if not seconds > 0:
         return 0
+    if seconds >= MAX_TIER_MS / 1000:  # also infinity, which math.ceil cannot convert
+        return MAX_TIER_MS
     return min(math.ceil(seconds * 1000 - 1e-6), MAX_TIER_MS)
 
 
