@@ -70,7 +70,7 @@ def truncate(text: str, limit: int, *, keep_tail: bool = False) -> str:
     """Cut ``text`` to at most ``limit`` UTF-8 bytes, marking the cut."""
     data = text.encode("utf-8", "replace")
     if len(data) <= limit:
-        return text
+        return data.decode("utf-8")  # lone surrogates became "?": AMQP needs valid UTF-8
     room = max(0, limit - len(_TRUNCATED))
     if keep_tail:
         return _TRUNCATED + data[-room:].decode("utf-8", "ignore")
