@@ -83,6 +83,14 @@ def error_type_name(exc: BaseException) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _message(exc: BaseException) -> str:
+    """``str(exc)``, or a placeholder when the exception's ``__str__`` itself fails."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<str() of {error_type_name(exc)} failed>"
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
     """A failure, redacted and capped, ready to be written to headers and logs."""
@@ -97,7 +105,7 @@ class ErrorInfo:
         formatted = "".join(traceback.format_exception(exc))
         return cls(
             error_type=error_type_name(exc),
-            message=truncate(redact(str(exc)), MESSAGE_LIMIT),
+            message=truncate(redact(_message(exc)), MESSAGE_LIMIT),
             traceback=truncate(redact(formatted), TRACEBACK_LIMIT, keep_tail=True),
         )
 
@@ -114,7 +122,7 @@ class Failure:
     @classmethod
     def from_exception(cls, attempt: int, exc: BaseException) -> Failure:
         """A history entry for ``exc`` (no traceback), redacted and capped."""
-        message = truncate(redact(str(exc)), HISTORY_MESSAGE_LIMIT)
+        message = truncate(redact(_message(exc)), HISTORY_MESSAGE_LIMIT)
         return cls(attempt, now_iso(), error_type_name(exc), message)
 
     def to_header(self) -> dict[str, Any]:
