@@ -213,16 +213,15 @@ def failure_headers(
     """
     at = at or now_iso()
     history = read_history(incoming)
-    history.append(
-        Failure(attempt, at, error.error_type, truncate(error.message, HISTORY_MESSAGE_LIMIT))
-    )
+    error_type = truncate(error.error_type, NAME_LIMIT)
+    history.append(Failure(attempt, at, error_type, truncate(error.message, HISTORY_MESSAGE_LIMIT)))
     ours: dict[str, Any] = {
         ATTEMPT: attempt,
         FIRST_FAILURE_AT: read_str(incoming, FIRST_FAILURE_AT, 64) or at,
         LAST_FAILURE_AT: at,
-        ERROR_TYPE: truncate(error.error_type, NAME_LIMIT),
-        ERROR_MESSAGE: error.message,
-        ERROR_TRACEBACK: error.traceback,
+        ERROR_TYPE: error_type,
+        ERROR_MESSAGE: truncate(error.message, MESSAGE_LIMIT),
+        ERROR_TRACEBACK: truncate(error.traceback, TRACEBACK_LIMIT, keep_tail=True),
         CLASSIFICATION: classification,
         QUEUE: truncate(origin.queue, NAME_LIMIT),
         HANDLER: truncate(origin.handler, NAME_LIMIT),
