@@ -11,7 +11,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from qworker.redact import redact
@@ -160,6 +160,18 @@ def read_str(headers: Mapping[str, Any] | None, name: str, limit: int = NAME_LIM
     return truncate(value, limit)
 
 
+def read_time(headers: Mapping[str, Any] | None, name: str) -> str | None:
+    """An ISO 8601 UTC timestamp header as written; None when absent, garbage or not UTC."""
+    value = read_str(headers, name, 64)
+    try:
+        parsed = datetime.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+    if parsed is None or parsed.utcoffset() != timedelta(0):
+        return None
+    return value
+
+
 def read_history(headers: Mapping[str, Any] | None) -> list[Failure]:
     """The failure history, keeping only well-formed entries (at most the last 10)."""
     raw = (headers or {}).get(HISTORY)
@@ -172,7 +184,7 @@ def read_history(headers: Mapping[str, Any] | None) -> list[Failure]:
         history.append(
             Failure(
                 attempt=read_int(entry, "attempt"),
-                at=read_str(entry, "at", 64) or "",
+                at=read_time(entry, "at") or "",
                 error_type=read_str(entry, "error_type") or "",
                 error_message=read_str(entry, "error_message", HISTORY_MESSAGE_LIMIT) or "",
             )
@@ -217,7 +229,7 @@ def failure_headers(
     history.append(Failure(attempt, at, error_type, truncate(error.message, HISTORY_MESSAGE_LIMIT)))
     ours: dict[str, Any] = {
         ATTEMPT: attempt,
-        FIRST_FAILURE_AT: read_str(incoming, FIRST_FAILURE_AT, 64) or at,
+        FIRST_FAILURE_AT: read_time(incoming, FIRST_FAILURE_AT) or at,
         LAST_FAILURE_AT: at,
         ERROR_TYPE: error_type,
         ERROR_MESSAGE: truncate(error.message, MESSAGE_LIMIT),
@@ -235,7 +247,7 @@ def failure_headers(
     replays = read_int(incoming, REPLAY_COUNT)
     if replays:
         ours[REPLAY_COUNT] = replays
-        ours[REPLAYED_AT] = read_str(incoming, REPLAYED_AT, 64) or ""
+        ours[REPLAYED_AT] = read_time(incoming, REPLAYED_AT) or ""
     _fit(ours)
     return {**foreign_removed(incoming), **ours}
 
