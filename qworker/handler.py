@@ -121,8 +121,9 @@ def build_handler(
 ) -> Handler:
     """Validate the decorator's arguments and the function's signature."""
     validate_queue_name(queue)
+    qualname = getattr(func, "__qualname__", None) or repr(func)
     if not inspect.iscoroutinefunction(func):
-        raise ConfigurationError(f"handler {func.__qualname__} must be an async def function")
+        raise ConfigurationError(f"handler {qualname} must be an async def function")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise ConfigurationError("retry= takes a RetryPolicy")
     if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
@@ -140,19 +141,17 @@ def build_handler(
     try:
         hints = typing.get_type_hints(func)
     except Exception as exc:
-        raise ConfigurationError(
-            f"cannot resolve annotations of {func.__qualname__}: {exc}"
-        ) from None
+        raise ConfigurationError(f"cannot resolve annotations of {qualname}: {exc}") from None
     payload = [p for p in params if hints.get(p.name) is not Context]
     context = [p for p in params if hints.get(p.name) is Context]
     if len(payload) != 1 or len(context) > 1:
         raise ConfigurationError(
-            f"handler {func.__qualname__} must take one payload parameter and optionally "
+            f"handler {qualname} must take one payload parameter and optionally "
             "one parameter annotated Context"
         )
     if payload[0].name not in hints:
         raise ConfigurationError(
-            f"annotate the payload parameter {payload[0].name!r} of {func.__qualname__} "
+            f"annotate the payload parameter {payload[0].name!r} of {qualname} "
             "(a pydantic model, dict, list, str or bytes)"
         )
     return Handler(
