@@ -126,7 +126,9 @@ def build_handler(
         raise ConfigurationError(f"handler {qualname} must be an async def function")
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise ConfigurationError("retry= takes a RetryPolicy")
-    if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+    if timeout is not None and (
+        isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0)
+    ):
         raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
     if queue_type not in ("quorum", "classic"):
         raise ConfigurationError(f"queue_type must be 'quorum' or 'classic', got {queue_type!r}")
