@@ -151,6 +151,13 @@ def build_handler(
             f"handler {qualname} must take one payload parameter and optionally "
             "one parameter annotated Context"
         )
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if params[0] is not payload[0] or any(p.kind not in positional for p in params):
+        # The consumer calls handler(payload) or handler(payload, ctx), positionally.
+        raise ConfigurationError(
+            f"handler {qualname} must take the payload as its first positional parameter, "
+            "then optionally ctx: Context"
+        )
     if payload[0].name not in hints:
         raise ConfigurationError(
             f"annotate the payload parameter {payload[0].name!r} of {qualname} "
