@@ -13,6 +13,10 @@ MASK = "***"
 
 _URL_CREDENTIALS = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s:/@]*:)[^\s@/]*@")
 _AUTH_SCHEME = re.compile(r"(?i)\b(?P<scheme>bearer|basic|digest)\s+[A-Za-z0-9._~+/=-]{4,}")
+# An unquoted ``Authorization: <scheme> <credentials>``, whatever the scheme (Token, AWS4-...).
+_AUTH_HEADER = re.compile(
+    r"(?i)(?P<head>\b(?:proxy-)?authorization[\"']?\s*[:=]\s*)[A-Za-z][\w-]*\s+[^\s\"',;]+"
+)
 _SECRET_KEY = (
     r"[\w-]*(?:passw(?:or)?d|pwd|secret|token|api[_-]?key|apikey|authorization"
     r"|credentials?|private[_-]?key|access[_-]?key)[\w-]*"
@@ -34,6 +38,7 @@ def _mask_value(match: re.Match[str]) -> str:
 def redact(text: str) -> str:
     """Return ``text`` with secrets replaced by ``***``."""
     text = _URL_CREDENTIALS.sub(rf"\g<head>{MASK}@", text)
+    text = _AUTH_HEADER.sub(rf"\g<head>{MASK}", text)
     text = _AUTH_SCHEME.sub(rf"\g<scheme> {MASK}", text)
     return _KEY_VALUE.sub(_mask_value, text)
 
