@@ -1,0 +1,486 @@
+#!/usr/bin/env python
+"""qworker's side of the peer benchmark (the shared harness lives in ../shared/bench).
+
+    python bench/run.py                  # full comparison: every peer + both qworker
+                                         # contenders, N=10000, 3 reps, broker ceiling;
+                                         # writes bench/results/<date>.md and .json
+    python bench/run.py --smoke          # CI: raw aio-pika + qworker, N=300, 1 rep; exit 1
+                                         # if a qworker cell fails its checks (no speed asserts)
+    python bench/run.py --scaling        # S1 at N=10,000 and N=100,000, raw vs qworker, 1 rep
+    python bench/run.py --profile S1 S2 S3   # py-spy profile of the qworker worker (N=10000)
+
+Options common to all modes:
+    --qworker-ref REF   measure qworker as committed at REF (git archive into a temp dir put
+                        first on PYTHONPATH) instead of the working tree / installed package;
+                        use it when others are editing qworker/ while you measure
+    -- ARGS             passed on to peers_bench.py (full and smoke modes)
+
+The harness is found via $BENCH_HARNESS, else ../shared/bench next to the repository,
+else /work/shared/bench. Results go to bench/results (BENCH_RESULTS_DIR); worker logs to
+bench/results/logs (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CONTENDERS = os.path.join(HERE, "contenders")
+RESULTS = os.path.join(HERE, "results")
+LOGS = os.path.join(RESULTS, "logs")
+PROFILES = os.path.join(HERE, "profiles")
+QWORKER = ("qworker_c", "qworker_classic_c")
+BASELINE = "raw_aiopika"
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def log(msg: str) -> None:
+    print(f"[run.py {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def harness_dir() -> str:
+    candidates = [
+        os.environ.get("BENCH_HARNESS", ""),
+        os.path.join(os.path.dirname(REPO), "shared", "bench"),
+        "/work/shared/bench",
+    ]
+    for c in candidates:
+        if c and os.path.isfile(os.path.join(c, "peers_bench.py")):
+            return os.path.abspath(c)
+    raise SystemExit(f"peers_bench.py not found in any of {[c for c in candidates if c]}")
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", REPO, *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def qworker_source(ref: str | None, tmp: str) -> tuple[dict[str, str], dict]:
+    """Environment for the children and a description of the qworker code measured."""
+    env = dict(os.environ)
+    env["BENCH_CONTENDERS_PATH"] = CONTENDERS
+    env["BENCH_RESULTS_DIR"] = RESULTS
+    if ref is None:
+        try:
+            import qworker
+
+            info: dict = {"source": os.path.dirname(os.path.dirname(qworker.__file__))}
+        except Exception as exc:  # a half-edited working tree: the cells will say so
+            info = {"source": f"working tree (import failed: {exc!r})"}
+        try:
+            info["commit"] = git("rev-parse", "HEAD")
+            info["dirty"] = bool(git("status", "--porcelain", "--", "qworker"))
+        except (subprocess.CalledProcessError, OSError):
+            pass
+        return env, info
+    commit = git("rev-parse", f"{ref}^{{commit}}")
+    snap = os.path.join(tmp, "qworker-src")
+    os.makedirs(snap)
+    archive = subprocess.run(
+        ["git", "-C", REPO, "archive", commit, "qworker"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", snap], input=archive, check=True)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (snap, env.get("PYTHONPATH")) if p)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import qworker; print(qworker.__file__)"],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if not probe.startswith(snap):
+        raise SystemExit(f"snapshot of {ref} is not the qworker children import: {probe}")
+    sys.path.insert(0, snap)  # the runner imports the contenders too (queues(), profiling)
+    return env, {"source": f"git archive {commit}", "commit": commit, "dirty": False}
+
+
+def peers_bench(env: dict[str, str], argv: list[str]) -> int:
+    cmd = [sys.executable, os.path.join(harness_dir(), "peers_bench.py"), *argv]
+    log(" ".join(cmd))
+    return subprocess.run(cmd, env=env, cwd=harness_dir()).returncode
+
+
+def annotate(out_json: str, info: dict, mode: str) -> dict:
+    """Record which qworker code was measured, in the JSON and under the Markdown table."""
+    with open(out_json) as f:
+        doc = json.load(f)
+    doc["meta"]["qworker"] = info
+    doc["meta"]["runner"] = f"bench/run.py ({mode})"
+    note = (
+        f"\nqworker measured: {info.get('source')}"
+        f"{' (commit ' + info['commit'][:12] + ')' if info.get('commit') else ''}"
+        f"{' + uncommitted changes in qworker/' if info.get('dirty') else ''}; "
+        f"runner: bench/run.py ({mode}).\n"
+    )
+    doc["markdown"] += note
+    with open(out_json, "w") as f:
+        json.dump(doc, f, indent=2)
+    with open(os.path.splitext(out_json)[0] + ".md", "w") as f:
+        f.write(doc["markdown"])
+    return doc
+
+
+def check_qworker_cells(doc: dict, names: tuple[str, ...]) -> int:
+    """0 when every qworker cell ran and passed its checks, else 1 (speed is not judged)."""
+    bad = 0
+    for name in names:
+        cells = [c for c in doc["cells"] if c["contender"] == name]
+        if not cells:
+            log(f"FAIL {name}: no cells ran")
+            bad += 1
+        for c in cells:
+            if c["ok"]:
+                log(f"ok   {name} {c['scenario']} r{c['rep']}: checks {c.get('checks')}")
+            else:
+                log(f"FAIL {name} {c['scenario']} r{c['rep']}: {c['error']}")
+                for line in c.get("worker_log_tail", []):
+                    log(f"     | {line}")
+                bad += 1
+    for c in doc["cells"]:
+        if c["contender"] == BASELINE and not c["ok"]:
+            log(f"warning: baseline {c['scenario']} failed too ({c['error']}): broker trouble?")
+    return 1 if bad else 0
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def run_full(args, env: dict[str, str], info: dict) -> int:
+    out = os.path.join(RESULTS, f"{dt.date.today().isoformat()}.json")
+    argv = ["--n", str(args.n or 10000), "--reps", str(args.reps or 3), "--out", out]
+    if args.contenders:
+        argv += ["--contenders", *args.contenders]
+    rc = peers_bench(env, argv + args.rest)
+    if os.path.exists(out):
+        annotate(out, info, "full")
+    return rc
+
+
+def run_smoke(args, env: dict[str, str], info: dict) -> int:
+    os.makedirs(LOGS, exist_ok=True)
+    out = os.path.join(LOGS, "smoke.json")  # git-ignored: CI must not dirty the tree
+    if os.path.exists(out):
+        os.remove(out)
+    names = tuple(args.contenders or QWORKER)
+    argv = ["--contenders", BASELINE, *names, "--n", str(args.n or 300), "--reps", "1"]
+    argv += ["--skip-ceiling", "--out", out, *args.rest]
+    rc = peers_bench(env, argv)
+    if not os.path.exists(out):
+        log(f"FAIL: peers_bench.py wrote no results (rc={rc})")
+        return 1
+    doc = annotate(out, info, "smoke")
+    return check_qworker_cells(doc, names)
+
+
+def run_scaling(args, env: dict[str, str], info: dict) -> int:
+    names = tuple(args.contenders or (BASELINE, *QWORKER))
+    rc = 0
+    rows = []
+    for n in args.sizes:
+        out = os.path.join(RESULTS, f"scaling-n{n}-{dt.date.today().isoformat()}.json")
+        argv = ["--contenders", *names, "--scenarios", "S1", "--n", str(n), "--reps", "1"]
+        argv += ["--skip-ceiling", "--out", out, "--cell-timeout", str(max(300, n // 100))]
+        argv += ["--publish-timeout", str(max(300, n // 50)), *args.rest]
+        rc |= peers_bench(env, argv)
+        doc = annotate(out, info, f"scaling N={n}")
+        for r in doc["summary"]:
+            cells = [c for c in doc["cells"] if c["contender"] == r["contender"] and c["ok"]]
+            rows.append((n, r, cells[0].get("vmhwm_mib") if cells else None))
+    lines = [
+        "S1 success, 1 rep per cell, prefetch 100 (bench/run.py --scaling)\n",
+        "| N | contender | msgs/s | x raw aio-pika | msgs/s incl. startup | peak RSS MiB "
+        "| VmHWM MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for n, r, hwm in rows:
+        lines.append(
+            f"| {n:,} | {r['label']} | {fmt(r.get('msgs_per_s'), ',.0f')} | "
+            f"{fmt(r.get('ratio_to_baseline'), '.2f')} | "
+            f"{fmt(r.get('msgs_per_s_incl_startup'), ',.0f')} | "
+            f"{fmt(r.get('peak_rss_mib'), '.1f')} | {fmt(hwm, '.1f')} |"
+        )
+    lines.append(f"\nqworker measured: {info.get('source')}\n")
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(RESULTS, f"scaling-{dt.date.today().isoformat()}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return rc
+
+
+def fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+async def _depth(queue: str) -> int | None:
+    import aio_pika
+    import aiormq
+
+    conn = await aio_pika.connect(URL)
+    try:
+        ch = await conn.channel(publisher_confirms=False)
+        try:
+            q = await ch.declare_queue(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        return q.declaration_result.message_count
+    finally:
+        await conn.close()
+
+
+async def _delete(queues: list[str]) -> None:
+    import aio_pika
+
+    conn = await aio_pika.connect(URL)
+    try:
+        for q in queues:
+            ch = await conn.channel(publisher_confirms=False)
+            with contextlib.suppress(Exception):
+                await ch.queue_delete(q)
+    finally:
+        await conn.close()
+
+
+def profile_one(args, env: dict[str, str], info: dict, name: str, scenario: str) -> dict:
+    """Preload N, run the worker under `py-spy record --format raw`, stop it when done."""
+    harness = harness_dir()
+    sys.path.insert(0, harness)
+    os.environ["BENCH_CONTENDERS_PATH"] = CONTENDERS
+    import contenders
+    from bench_common import CTX_ENV, CounterReader, Ctx, create_counter
+
+    mod = contenders.load(name)
+    run_id = uuid.uuid4().hex[:10]
+    base = f"bench.{name}.{scenario}.{run_id}"
+    work = tempfile.mkdtemp(prefix="qworker-profile.")
+    counter = os.path.join(work, "counter")
+    create_counter(counter)
+    ctx = Ctx(
+        contender=name,
+        scenario=scenario,
+        n=args.n or 10000,
+        run_id=run_id,
+        queue=base,
+        dlq=f"{base}.dlq",
+        counter_path=counter,
+        amqp_url=URL,
+        deadline=time.time() + 900,
+        parent_pid=0,  # py-spy is the worker's parent
+    )
+    names = mod.queues(ctx)
+    cenv = dict(env, **{CTX_ENV: ctx.to_env(), "PYTHONUNBUFFERED": "1"})
+    child = os.path.join(harness, "bench_child.py")
+    raw = os.path.join(work, f"{name}-{scenario}.raw")
+    result: dict = {"contender": name, "scenario": scenario, "n": ctx.n}
+    try:
+        subprocess.run(
+            [sys.executable, child, name, "publish"], env=cenv, cwd=harness, check=True,
+            stdout=subprocess.DEVNULL, timeout=600,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while asyncio.run(_depth(ctx.queue)) != ctx.n and time.monotonic() < deadline:
+            time.sleep(0.2)
+        wlog = open(os.path.join(work, "worker.log"), "wb")  # noqa: SIM115 -- closed below
+        spy = subprocess.Popen(
+            ["py-spy", "record", "--format", "raw", "--rate", str(args.rate), "--nonblocking",
+             "-o", raw, "--", sys.executable, child, name, "worker"],
+            env=cenv, cwd=harness, stdout=wlog, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        reader = CounterReader(counter)
+        t_end = None
+        limit = time.monotonic() + 600
+        while time.monotonic() < limit and spy.poll() is None:
+            c = reader.read()
+            if scenario == "S3":
+                if c["calls"] >= ctx.n and (asyncio.run(_depth(names["dead"])) or 0) >= ctx.n:
+                    t_end = time.monotonic()
+                    break
+            elif c["done"] >= ctx.n:
+                t_end = c["t_last"]
+                break
+            time.sleep(0.02)
+        c = reader.read()
+        if t_end and c["t_first"]:
+            result["msgs_per_s_under_profiler"] = ctx.n / (t_end - c["t_first"])
+        result.update(calls=c["calls"], done=c["done"])
+        import psutil
+
+        for p in psutil.Process(spy.pid).children():
+            p.send_signal(signal.SIGTERM)  # the worker: graceful stop, then py-spy writes
+        spy.wait(timeout=60)
+        wlog.close()
+        with open(os.path.join(work, "worker.log"), "rb") as f:
+            result["worker_log_bytes"] = len(f.read())
+        with open(raw) as f:
+            result["stacks"] = f.read()
+    finally:
+        asyncio.run(_delete(names["delete"]))
+        result["workdir"] = work
+    return result
+
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", "lib/python3.11/", "/work/main/", "qworker-src/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def category(file: str) -> str:
+    f = _short(file)
+    if f.startswith("qworker/"):
+        return "qworker"
+    for pkg in ("aio_pika", "aiormq", "pamqp", "structlog", "pydantic", "tenacity"):
+        if f.startswith(pkg):
+            return pkg
+    if f in ("traceback.py", "linecache.py", "tokenize.py", "ast.py") or "traceback" in f:
+        return "traceback formatting (stdlib)"
+    if f.startswith("asyncio/") or f in ("selectors.py", "contextvars.py"):
+        return "asyncio event loop"
+    if f in ("json/encoder.py", "json/decoder.py", "json/__init__.py"):
+        return "json"
+    if "bench_common" in f or "contenders/" in f:
+        return "bench harness / handler"
+    if f.startswith("<frozen") or "importlib" in f:
+        return "imports (startup)"
+    return "other stdlib / python"
+
+
+def analyse(result: dict, rate: int) -> str:
+    stacks: list[tuple[list[tuple[str, str, str]], int]] = []
+    for line in result["stacks"].splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = []
+        for fr in stack.split(";"):
+            m = _FRAME.match(fr)
+            frames.append((m["func"], _short(m["file"]), m["line"] or "") if m else (fr, "?", ""))
+        stacks.append((frames, int(count)))
+    startup = sum(n for fr, n in stacks if any(f[1].startswith("<frozen importlib") for f in fr))
+    stacks = [
+        (fr, n) for fr, n in stacks if not any(f[1].startswith("<frozen importlib") for f in fr)
+    ]
+    total = sum(n for _, n in stacks) or 1
+    self_fn: collections.Counter[str] = collections.Counter()
+    incl_fn: collections.Counter[str] = collections.Counter()
+    incl_line: collections.Counter[str] = collections.Counter()
+    cats: collections.Counter[str] = collections.Counter()
+    for frames, n in stacks:
+        leaf = frames[-1]
+        self_fn[f"{leaf[0]} ({leaf[1]})"] += n
+        cats[category(leaf[1])] += n
+        seen_fn, seen_line = set(), set()
+        for func, file, line in frames:
+            key = f"{func} ({file})"
+            if key not in seen_fn:
+                incl_fn[key] += n
+                seen_fn.add(key)
+            if file.startswith("qworker/"):
+                kl = f"{func} ({file}:{line})"
+                if kl not in seen_line:
+                    incl_line[kl] += n
+                    seen_line.add(kl)
+    n_msgs = result["n"]
+    cpu_ms = total * 1000 / rate
+    out = [
+        f"# py-spy record --format raw --rate {rate} --nonblocking: {result['contender']} "
+        f"{result['scenario']}, N={n_msgs}",
+        f"# qworker: {result.get('qworker')}",
+        f"# throughput under the profiler: {fmt(result.get('msgs_per_s_under_profiler'), ',.0f')}"
+        f" msg/s; worker log {result.get('worker_log_bytes', 0) / n_msgs:.0f} bytes/msg",
+        f"# {total} samples outside imports ({startup} import samples dropped) = ~{cpu_ms:,.0f} ms "
+        f"of sampled Python time = ~{cpu_ms * 1000 / n_msgs:.0f} us per message",
+        "",
+        "## self time by category (leaf frame)",
+    ]
+    for cat, n in cats.most_common():
+        out.append(f"{100 * n / total:6.1f}%  {cat}")
+    out += ["", "## top 40 functions, inclusive (% of samples with the function on the stack)"]
+    for key, n in incl_fn.most_common(40):
+        out.append(f"{100 * n / total:6.1f}%  {key}")
+    out += ["", "## top 40 functions, self (leaf)"]
+    for key, n in self_fn.most_common(40):
+        out.append(f"{100 * n / total:6.1f}%  {key}")
+    out += ["", "## qworker call sites, inclusive (function, file:line)"]
+    for key, n in incl_line.most_common(40):
+        out.append(f"{100 * n / total:6.1f}%  {key}")
+    return "\n".join(out) + "\n"
+
+
+def run_profile(args, env: dict[str, str], info: dict) -> int:
+    if not shutil.which("py-spy"):
+        raise SystemExit("py-spy not found (pip install py-spy; needs root or ptrace rights)")
+    os.makedirs(PROFILES, exist_ok=True)
+    names = args.contenders or ["qworker_c"]
+    for name in names:
+        for scenario in args.profile:
+            log(f"profiling {name} {scenario} N={args.n or 10000} ...")
+            res = profile_one(args, env, info, name, scenario)
+            res["qworker"] = info.get("commit") or info.get("source")
+            text = analyse(res, args.rate)
+            path = os.path.join(PROFILES, f"{name}-{scenario}.txt")
+            with open(path, "w") as f:
+                f.write(text)
+            if args.keep_raw:
+                shutil.copy(os.path.join(res["workdir"], f"{name}-{scenario}.raw"), LOGS)
+            shutil.rmtree(res["workdir"], ignore_errors=True)
+            log(f"  {path}: {res.get('done')} done, {res.get('calls')} calls")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="CI check: N=300, 1 rep, no ceiling")
+    mode.add_argument("--scaling", action="store_true", help="S1 at --sizes, 1 rep")
+    mode.add_argument("--profile", nargs="+", choices=("S1", "S2", "S3"), metavar="SCENARIO")
+    p.add_argument("--n", type=int, help="messages per cell (default per mode)")
+    p.add_argument("--reps", type=int, help="full mode: repetitions (default 3)")
+    p.add_argument("--contenders", nargs="+", help="override the contender list of the mode")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    p.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
+    p.add_argument("--keep-raw", action="store_true", help="copy py-spy raw stacks to logs/")
+    p.add_argument("--qworker-ref", help="measure qworker at this git ref (e.g. HEAD)")
+    p.add_argument("rest", nargs="*", help="after --: arguments for peers_bench.py")
+    args = p.parse_args()
+    os.makedirs(LOGS, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qworker-bench.") as tmp:
+        env, info = qworker_source(args.qworker_ref, tmp)
+        log(f"qworker under test: {info}")
+        if args.smoke:
+            return run_smoke(args, env, info)
+        if args.scaling:
+            return run_scaling(args, env, info)
+        if args.profile:
+            return run_profile(args, env, info)
+        return run_full(args, env, info)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
