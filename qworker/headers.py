@@ -247,7 +247,8 @@ def failure_headers(
     replays = read_int(incoming, REPLAY_COUNT)
     if replays:
         ours[REPLAY_COUNT] = replays
-        ours[REPLAYED_AT] = read_time(incoming, REPLAYED_AT) or ""
+    if replays and (replayed_at := read_time(incoming, REPLAYED_AT)):
+        ours[REPLAYED_AT] = replayed_at
     _fit(ours)
     return {**foreign_removed(incoming), **ours}
 
