@@ -54,6 +54,7 @@ class App:
         self._owns_connection = False
         self._publisher: ConfirmedPublisher | None = None
         self._lock = asyncio.Lock()
+        self._closing: asyncio.Future[Any] | None = None
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, urls={[mask_url(u) for u in self.urls]})"
@@ -151,6 +152,9 @@ class App:
 
     def attach(self, connection: AbstractConnection) -> None:
         """Publish over a worker's connection (called by the worker on every (re)connect)."""
+        previous = self._connection
+        if previous is not None and self._owns_connection and not previous.is_closed:
+            self._closing = asyncio.ensure_future(previous.close())
         self._connection = connection
         self._owns_connection = False
         self._publisher = None

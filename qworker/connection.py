@@ -11,7 +11,8 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from qworker.errors import BrokerUnavailable, ConfigurationError
@@ -81,7 +82,7 @@ async def connect(
     stop = stop_after_delay(give_up_after) if give_up_after is not None else (lambda _: False)
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(BrokerUnavailable),
-        wait=wait_exponential_jitter(initial=0.5, max=15),
+        wait=wait_exponential(multiplier=0.5, max=15) + wait_random(0, 0.5),
         stop=stop,
         reraise=True,
     ):

@@ -59,6 +59,8 @@ class Worker:
         self.prefetch = max(prefetch or concurrency, concurrency)
         self.grace = grace
         self.ready = asyncio.Event()
+        #: Connections established so far (1 after start; more after reconnects).
+        self.connections = 0
         self._stop = asyncio.Event()
         self._consumers: list[Consumer] = []
         self._log = structlog.get_logger("qworker")
@@ -97,6 +99,7 @@ class Worker:
                     self._log.warning("worker.subscribe_failed", error=mask_url(repr(exc)))
                     await _close_quietly(connection)
                     continue
+                self.connections += 1
                 self.ready.set()
                 self._log.info("worker.consuming", queues=self.queues)
                 stop_wait = asyncio.create_task(self._stop.wait())

@@ -1,0 +1,5 @@
+"""``python -m qworker`` runs the command line."""
+
+from qworker.cli import main
+
+main()
