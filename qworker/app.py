@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -10,10 +11,14 @@ from typing import Any, Literal
 
 from aio_pika.abc import AbstractConnection
 
+from qworker.alerts import AlertRule, Notify
+from qworker.breaker import CircuitBreaker
 from qworker.classify import Classification, Classifier
 from qworker.connection import connect_once, normalise_urls
 from qworker.errors import ConfigurationError
+from qworker.events import Observer
 from qworker.handler import Handler, HandlerFunc, build_handler
+from qworker.hooks import Hook, HookRunner
 from qworker.publish import DEFAULT_CONFIRM_TIMEOUT, ConfirmedPublisher, build_message
 from qworker.redact import mask_url
 from qworker.retry import RetryPolicy
@@ -49,6 +54,8 @@ class App:
         self.ssl_ca = ssl_ca
         self.confirm_timeout = confirm_timeout
         self.handlers: dict[str, Handler] = {}
+        self.observers: list[Observer] = []
+        self._hooks: HookRunner | None = None
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._connection: AbstractConnection | None = None
         self._owns_connection = False
@@ -69,8 +76,16 @@ class App:
         timeout: float | None = None,
         queue_type: Literal["quorum", "classic"] = "quorum",
         delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+        severity: Mapping[str, Literal["critical", "high", "medium", "low"]] | None = None,
+        fallback: HandlerFunc | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
-        """Register the decorated coroutine as the handler of ``queue``."""
+        """Register the decorated coroutine as the handler of ``queue``.
+
+        ``severity`` overrides the severity of outcomes by reason (``"retry"`` for
+        retries); ``fallback`` is awaited like the handler when its retries are
+        exhausted or its ``breaker`` is open, before dead-lettering.
+        """
 
         def register(func: HandlerFunc) -> HandlerFunc:
             if queue in self.handlers:
@@ -86,10 +101,58 @@ class App:
                 timeout=timeout,
                 queue_type=queue_type,
                 delivery_limit=delivery_limit,
+                severity=severity,
+                fallback=fallback,
+                breaker=breaker,
             )
             return func
 
         return register
+
+    def on_retry(self, hook: Hook) -> Hook:
+        """Decorator: ``hook(outcome)`` runs in the background after every scheduled retry."""
+        self._hook_runner().on_retry.append(_checked_hook(hook))
+        return hook
+
+    def on_dead_letter(self, hook: Hook) -> Hook:
+        """Decorator: ``hook(outcome)`` runs in the background after every dead letter."""
+        self._hook_runner().on_dead_letter.append(_checked_hook(hook))
+        return hook
+
+    def alert(
+        self,
+        *,
+        notify: Notify,
+        when: Literal["dead_lettered", "retried"] = "dead_lettered",
+        count: int = 5,
+        within: float = 60.0,
+        cooldown: float | None = None,
+        severity: Literal["critical", "high", "medium", "low"] | None = None,
+        queue: str | None = None,
+    ) -> AlertRule:
+        """Call ``notify(alert)`` when ``count`` outcomes of kind ``when`` (at least ``severity``,
+        on ``queue`` if given) happen within ``within`` seconds; quiet for ``cooldown`` after."""
+        rule = AlertRule(
+            _checked_hook(notify),
+            when=when,
+            count=count,
+            within=within,
+            cooldown=cooldown,
+            severity=severity,
+            queue=queue,
+        )
+        self.add_observer(rule)
+        return rule
+
+    def _hook_runner(self) -> HookRunner:
+        if self._hooks is None:
+            self._hooks = HookRunner()
+            self.add_observer(self._hooks)
+        return self._hooks
+
+    def add_observer(self, observer: Observer) -> None:
+        """Report every outcome and state change to ``observer`` (metrics, hooks, alerts)."""
+        self.observers.append(observer)
 
     def topology(self, queues: Sequence[str] | None = None) -> list[QueueSpec]:
         """Every queue the app's handlers (or those of ``queues``) need, with arguments."""
@@ -170,3 +233,9 @@ class App:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _checked_hook(hook: Any) -> Any:
+    if not inspect.iscoroutinefunction(hook):
+        raise ConfigurationError(f"hooks must be async functions, got {hook!r}")
+    return hook

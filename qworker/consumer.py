@@ -25,9 +25,10 @@ from qworker import headers as h
 from qworker.classify import Action, Classification, Classifier, Decision, classify, decide
 from qworker.context import Context, PublishFunc
 from qworker.errors import HandlerTimeout
+from qworker.events import Observer, Outcome, OutcomeKind, severity_of
 from qworker.handler import Handler
 from qworker.publish import ConfirmedPublisher
-from qworker.retry import plan_retry
+from qworker.retry import plan_retry, tier_name
 from qworker.topology import declare, dlq_name, retry_queue, retry_queue_name
 
 _MAX_BACKOFF = 30.0
@@ -40,6 +41,7 @@ class Policy:
     classifier: Classifier | None
     default: Classification
     worker_id: str
+    observers: Sequence[Observer] = ()
 
 
 class Consumer:
@@ -66,6 +68,7 @@ class Consumer:
         self._stopping = False
         self._publish_failures = 0
         self._resume_at = 0.0
+        self._observers = tuple(policy.observers)
         self.in_flight = 0
 
     # Delivery lifecycle
@@ -87,7 +90,7 @@ class Consumer:
                 return
             if (pause := self._resume_at - time.monotonic()) > 0:
                 await asyncio.sleep(pause)
-            self.in_flight += 1
+            self._count_in_flight(+1)
             try:
                 await self._process(message)
             except asyncio.CancelledError:
@@ -101,38 +104,58 @@ class Consumer:
                 self._log.exception("message.internal_error", message_id=message.message_id)
                 await self._settle(message, requeue=True, event="message.returned")
             finally:
-                self.in_flight -= 1
+                self._count_in_flight(-1)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         handler = self.handler
-        incoming = message.headers or {}
-        failed_before = h.read_attempt(incoming)
+        failed_before = h.read_attempt(message.headers)
+        started = time.perf_counter()
         try:
             payload = handler.decode(message.body, message.content_type, message.content_encoding)
         except Exception as exc:
-            await self._fail(message, exc, failed_before + 1, [])
+            await self._fail(message, exc, failed_before + 1, [], 0.0)
             return
-        allowed = max(
-            1,
-            min(handler.retry.executions_per_delivery, handler.retry.max_attempts - failed_before),
-        )
+        attempt, earlier, error = await self._execute(payload, message, failed_before)
+        duration = time.perf_counter() - started
+        if error is not None:
+            await self._fail(message, error, attempt, earlier, duration)
+            return
+        await self._settle(message, event="message.succeeded")
+        if self._observers:
+            self._emit(
+                Outcome(
+                    OutcomeKind.SUCCEEDED,
+                    handler.queue,
+                    handler.name,
+                    message.message_id,
+                    attempt,
+                    duration,
+                )
+            )
+
+    async def _execute(
+        self, payload: Any, message: AbstractIncomingMessage, failed_before: int
+    ) -> tuple[int, list[h.Failure], Exception | None]:
+        """Run the handler (immediate retries included).
+
+        Returns the last attempt's number, the failures before it, and its error (None: success).
+        """
+        retry = self.handler.retry
+        allowed = max(1, min(retry.executions_per_delivery, retry.max_attempts - failed_before))
         if allowed == 1:
             try:
                 await self._run(payload, message, failed_before + 1)
             except Exception as exc:
-                await self._fail(message, exc, failed_before + 1, [])
-                return
-        else:
-            failures: list[h.Failure] = []
-            try:
-                await self._run_with_immediate_retries(
-                    payload, message, failed_before, allowed, failures
-                )
-            except Exception as exc:
-                earlier = failures[:-1]
-                await self._fail(message, exc, failed_before + len(failures), earlier)
-                return
-        await self._settle(message, event="message.succeeded")
+                return failed_before + 1, [], exc
+            return failed_before + 1, [], None
+        failures: list[h.Failure] = []
+        try:
+            await self._run_with_immediate_retries(
+                payload, message, failed_before, allowed, failures
+            )
+        except Exception as exc:
+            return failed_before + len(failures), failures[:-1], exc
+        return failed_before + len(failures) + 1, failures, None
 
     async def _run(self, payload: Any, message: AbstractIncomingMessage, attempt: int) -> None:
         handler = self.handler
@@ -193,6 +216,21 @@ class Consumer:
             _publish=self._publish,
         )
 
+    def _count_in_flight(self, delta: int) -> None:
+        self.in_flight += delta
+        for observer in self._observers:
+            try:
+                observer.in_flight(self.handler.queue, self.in_flight)
+            except Exception:
+                self._log.exception("observer.failed", observer=type(observer).__name__)
+
+    def _emit(self, outcome: Outcome) -> None:
+        for observer in self._observers:
+            try:
+                observer.outcome(outcome)
+            except Exception:
+                self._log.exception("observer.failed", observer=type(observer).__name__)
+
     # Failure path
 
     def _decide(self, exc: BaseException, attempt: int) -> Decision:
@@ -212,6 +250,7 @@ class Consumer:
         exc: BaseException,
         attempt: int,
         earlier: Sequence[h.Failure],
+        duration: float,
     ) -> None:
         decision = self._decide(exc, attempt)
         error = h.ErrorInfo.from_exception(exc)
@@ -261,13 +300,33 @@ class Consumer:
                 log,
                 lambda: self._ensure_tier(plan.tier_ms),
             )
-            if moved:
-                log.warning("message.retry_scheduled", delay=plan.wait_seconds, tier=target)
+            if not moved:
+                return
+            log.warning("message.retry_scheduled", delay=plan.wait_seconds, tier=target)
+            kind, tier = OutcomeKind.RETRIED, tier_name(plan.tier_ms)
         else:
             target = dlq_name(self.handler.queue)
-            moved = await self._move(message, target, new_headers, None, log, None)
-            if moved:
-                log.error("message.dead_lettered", reason=reason, dlq=target)
+            if not await self._move(message, target, new_headers, None, log, None):
+                return
+            log.error("message.dead_lettered", reason=reason, dlq=target)
+            kind, tier = OutcomeKind.DEAD_LETTERED, None
+        if self._observers:
+            self._emit(
+                Outcome(
+                    kind,
+                    self.handler.queue,
+                    self.handler.name,
+                    message.message_id,
+                    attempt,
+                    duration,
+                    severity=severity_of(kind, reason, self.handler.severity),
+                    error_type=error.error_type,
+                    error_message=error.message,
+                    classification=decision.classification.value,
+                    reason=reason,
+                    tier=tier,
+                )
+            )
 
     async def _ensure_tier(self, tier_ms: int) -> None:
         if tier_ms not in self._tiers:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pydantic
 
+from qworker.breaker import CircuitBreaker
 from qworker.classify import ExceptionTypes
 from qworker.context import Context
 from qworker.errors import ConfigurationError, DecodeError
+from qworker.events import DEFAULT_SEVERITY, Severity
 from qworker.retry import RetryPolicy
 from qworker.topology import QueueType, validate_queue_name
 
@@ -98,6 +100,11 @@ class Handler:
     timeout: float | None
     queue_type: QueueType
     delivery_limit: int
+    severity: Mapping[str, Severity] | None = None
+    """Overrides of :data:`qworker.events.DEFAULT_SEVERITY` by reason (or ``"retry"``)."""
+    fallback: HandlerFunc | None = None
+    """Called like the handler when retries are exhausted or the breaker is open."""
+    breaker: CircuitBreaker | None = None
 
 
 def _exception_types(value: Any, option: str) -> ExceptionTypes:
@@ -118,6 +125,9 @@ def build_handler(
     timeout: float | None,
     queue_type: str,
     delivery_limit: int,
+    severity: Mapping[str, str] | None = None,
+    fallback: HandlerFunc | None = None,
+    breaker: CircuitBreaker | None = None,
 ) -> Handler:
     """Validate the decorator's arguments and the function's signature."""
     validate_queue_name(queue)
@@ -175,4 +185,42 @@ def build_handler(
         timeout=float(timeout) if timeout is not None else None,
         queue_type=typing.cast(QueueType, queue_type),
         delivery_limit=delivery_limit,
+        severity=_severities(severity),
+        fallback=_fallback(fallback, len(params), qualname),
+        breaker=_breaker(breaker),
     )
+
+
+def _severities(value: Mapping[str, str] | None) -> Mapping[str, Severity] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigurationError("severity= takes a mapping of reason -> severity")
+    try:
+        overrides = {key: Severity(level) for key, level in value.items()}
+    except ValueError as exc:
+        raise ConfigurationError(f"severity=: {exc}") from None
+    unknown = set(overrides) - set(DEFAULT_SEVERITY)
+    if unknown:
+        raise ConfigurationError(
+            f"severity= keys must be among {', '.join(DEFAULT_SEVERITY)}; got {', '.join(unknown)}"
+        )
+    return overrides
+
+
+def _fallback(func: HandlerFunc | None, arity: int, qualname: str) -> HandlerFunc | None:
+    if func is None:
+        return None
+    if not inspect.iscoroutinefunction(func):
+        raise ConfigurationError(f"fallback of {qualname} must be an async def function")
+    if len(inspect.signature(func).parameters) != arity:
+        raise ConfigurationError(
+            f"fallback of {qualname} must take the same parameters as the handler ({arity})"
+        )
+    return func
+
+
+def _breaker(value: CircuitBreaker | None) -> CircuitBreaker | None:
+    if value is not None and not isinstance(value, CircuitBreaker):
+        raise ConfigurationError("breaker= takes a CircuitBreaker")
+    return value

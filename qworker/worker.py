@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiormq
 import structlog
@@ -64,11 +65,29 @@ class Worker:
         self._stop = asyncio.Event()
         self._consumers: list[Consumer] = []
         self._log = structlog.get_logger("qworker")
-        self._policy = Policy(app.classifier, app.default, app.worker_id)
+        self._policy = Policy(app.classifier, app.default, app.worker_id, app.observers)
+        self._connection: AbstractConnection | None = None
+        self._subscriptions: list[_Subscription] = []
 
     def stop(self) -> None:
         """Ask the worker to stop: no new deliveries, running handlers get ``grace`` seconds."""
         self._stop.set()
+
+    def health(self) -> dict[str, Any]:
+        """Liveness and readiness facts for health endpoints.
+
+        ``ready`` means connected with a consumer attached to every queue.
+        """
+        connected = self._connection is not None and not self._connection.is_closed
+        attached = len(self._subscriptions) if connected else 0
+        return {
+            "connected": connected,
+            "consumers": attached,
+            "queues": list(self.queues),
+            "ready": connected and self.ready.is_set() and attached == len(self.queues),
+            "in_flight": self.in_flight,
+            "connections": self.connections,
+        }
 
     @property
     def in_flight(self) -> int:
@@ -99,6 +118,7 @@ class Worker:
                     self._log.warning("worker.subscribe_failed", error=mask_url(repr(exc)))
                     await _close_quietly(connection)
                     continue
+                self._connection, self._subscriptions = connection, subscriptions
                 self.connections += 1
                 self.ready.set()
                 self._log.info("worker.consuming", queues=self.queues)
