@@ -1,10 +1,10 @@
 """The one place that acks, nacks, and moves failed messages with confirms.
 
 A :class:`Consumer` serves one handler queue on one channel. For each delivery
-it decodes the payload, runs the handler (with in-process immediate retries if
-the policy asks), and on failure publishes a copy (to a retry tier or the DLQ),
-waits for the broker's confirm, and only then acks the original. When the copy
-is not confirmed, it backs off and returns the original with ``basic.nack``.
+it decodes the payload, runs the handler (see :mod:`qworker.execution`), and on
+failure publishes a copy (to a retry tier or the DLQ), waits for the broker's
+confirm, and only then acks the original. When the copy is not confirmed, it
+backs off and returns the original with ``basic.nack``.
 """
 
 from __future__ import annotations
@@ -18,20 +18,23 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from qworker import headers as h
-from qworker.classify import Action, Classification, Classifier, Decision, classify, decide
-from qworker.context import Context, PublishFunc
-from qworker.errors import HandlerTimeout
-from qworker.events import Observer, Outcome, OutcomeKind, severity_of
+from qworker.breaker import Circuit
+from qworker.classify import Action, Classification, Classifier, Decision, Reason, classify, decide
+from qworker.context import PublishFunc
+from qworker.events import CircuitState, Observer, Outcome, OutcomeKind, severity_of
+from qworker.execution import Run, Runner
+from qworker.flow import Gate, Route
 from qworker.handler import Handler
 from qworker.publish import ConfirmedPublisher
 from qworker.retry import plan_retry, tier_name
 from qworker.topology import declare, dlq_name, retry_queue, retry_queue_name
 
 _MAX_BACKOFF = 30.0
+_FALLBACK_REASONS = (Reason.RETRIES_EXHAUSTED, Reason.TIMEOUT)
+_NO_PAYLOAD = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,21 +58,42 @@ class Consumer:
         publisher: ConfirmedPublisher,
         publish: PublishFunc,
         concurrency: int,
+        circuit: Circuit | None = None,
     ) -> None:
         self.handler = handler
         self._policy = policy
         self._connection = connection
         self._publisher = publisher
-        self._publish = publish
         self._slots = asyncio.Semaphore(concurrency)
         self._tiers = set(handler.retry.tiers())
         self._log = structlog.get_logger("qworker").bind(queue=handler.queue, handler=handler.name)
+        self._runner = Runner(handler, self._retry_in_process, publish, self._log)
+        self._circuit = circuit
+        self._gate: Gate | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._publish_failures = 0
         self._resume_at = 0.0
         self._observers = tuple(policy.observers)
         self.in_flight = 0
+
+    @property
+    def consuming(self) -> bool:
+        """A consumer is attached to the queue (false while the breaker holds it off)."""
+        return self._gate is not None and self._gate.consuming
+
+    async def start(self, channel: AbstractChannel, prefetch: int) -> None:
+        """Start consuming the handler's queue on ``channel``."""
+        queue = await channel.get_queue(self.handler.queue, ensure=False)
+        self._gate = Gate(
+            channel,
+            queue,
+            prefetch,
+            self._circuit,
+            self.handler.fallback is not None,
+            self._circuit_changed,
+        )
+        await self._gate.start(self.on_message)
 
     # Delivery lifecycle
 
@@ -109,112 +133,75 @@ class Consumer:
     async def _process(self, message: AbstractIncomingMessage) -> None:
         handler = self.handler
         failed_before = h.read_attempt(message.headers)
-        started = time.perf_counter()
         try:
             payload = handler.decode(message.body, message.content_type, message.content_encoding)
         except Exception as exc:
-            await self._fail(message, exc, failed_before + 1, [], 0.0)
+            await self._fail(message, Run(failed_before + 1, exc, 0.0))
             return
-        attempt, earlier, error = await self._execute(payload, message, failed_before)
-        duration = time.perf_counter() - started
-        if error is not None:
-            await self._fail(message, error, attempt, earlier, duration)
+        route = self._gate.route() if self._gate is not None else Route.PRIMARY
+        if route is Route.RETURN:
+            await self._settle(message, requeue=True, event="message.returned_circuit_open")
+            return
+        if route is Route.FALLBACK:
+            await self._fallback(message, payload, Run(failed_before + 1, None, 0.0))
+            return
+        run = await self._runner.run(payload, message, failed_before)
+        self._count_for_breaker(run, probe=route is Route.PROBE)
+        if run.error is not None:
+            await self._fail(message, run, payload)
             return
         await self._settle(message, event="message.succeeded")
         if self._observers:
-            self._emit(
-                Outcome(
-                    OutcomeKind.SUCCEEDED,
-                    handler.queue,
-                    handler.name,
-                    message.message_id,
-                    attempt,
-                    duration,
-                )
-            )
+            self._emit_success(message, run)
 
-    async def _execute(
-        self, payload: Any, message: AbstractIncomingMessage, failed_before: int
-    ) -> tuple[int, list[h.Failure], Exception | None]:
-        """Run the handler (immediate retries included).
-
-        Returns the last attempt's number, the failures before it, and its error (None: success).
-        """
-        retry = self.handler.retry
-        allowed = max(1, min(retry.executions_per_delivery, retry.max_attempts - failed_before))
-        if allowed == 1:
-            try:
-                await self._run(payload, message, failed_before + 1)
-            except Exception as exc:
-                return failed_before + 1, [], exc
-            return failed_before + 1, [], None
-        failures: list[h.Failure] = []
+    async def _fallback(self, message: AbstractIncomingMessage, payload: Any, run: Run) -> bool:
+        """Serve ``message`` with the fallback; False (nothing settled) if the fallback failed."""
+        fallback = self.handler.fallback
+        assert fallback is not None
         try:
-            await self._run_with_immediate_retries(
-                payload, message, failed_before, allowed, failures
-            )
+            await self._runner.call(fallback, payload, message, run.attempt)
         except Exception as exc:
-            return failed_before + len(failures), failures[:-1], exc
-        return failed_before + len(failures) + 1, failures, None
-
-    async def _run(self, payload: Any, message: AbstractIncomingMessage, attempt: int) -> None:
-        handler = self.handler
-        args: tuple[Any, ...] = (payload,)
-        if handler.wants_context:
-            args = (payload, self._context(message, attempt))
-        if handler.timeout is None:
-            await handler.func(*args)
-            return
-        try:
-            async with asyncio.timeout(handler.timeout) as deadline:
-                await handler.func(*args)
-        except TimeoutError:
-            if deadline.expired():
-                raise HandlerTimeout(f"handler exceeded its {handler.timeout:g}s timeout") from None
-            raise
-
-    async def _run_with_immediate_retries(
-        self,
-        payload: Any,
-        message: AbstractIncomingMessage,
-        failed_before: int,
-        allowed: int,
-        failures: list[h.Failure],
-    ) -> None:
-        """Run up to ``allowed`` times in-process while failures are transient (tenacity).
-
-        Every failure is appended to ``failures``, the last one included.
-        """
-
-        def worth_retrying(exc: BaseException) -> bool:
-            decision = self._decide(exc, failed_before + len(failures))
-            return decision.action is Action.RETRY and decision.requested_delay is None
-
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(allowed), retry=retry_if_exception(worth_retrying), reraise=True
-        ):
-            with attempt:
-                number = failed_before + len(failures) + 1
-                try:
-                    await self._run(payload, message, number)
-                except Exception as exc:
-                    failures.append(h.Failure.from_exception(number, exc))
-                    raise
-
-    def _context(self, message: AbstractIncomingMessage, attempt: int) -> Context:
-        return Context(
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            attempt=attempt,
-            headers=message.headers or {},
-            queue=self.handler.queue,
-            log=self._log.bind(
+            self._log.error(
+                "message.fallback_failed",
                 message_id=message.message_id,
-                correlation_id=message.correlation_id,
-                attempt=attempt,
-            ),
-            _publish=self._publish,
-        )
+                error=f"{h.error_type_name(exc)}: {h.ErrorInfo.from_exception(exc).message}",
+            )
+            if run.error is None:  # the breaker sent it here: it fails like a handler would
+                await self._fail(message, Run(run.attempt, exc, run.duration), _NO_PAYLOAD)
+                return True
+            return False
+        await self._settle(message, event=None)
+        self._log.info("message.fallback_served", message_id=message.message_id)
+        if self._observers:
+            self._emit_success(message, run)
+        return True
+
+    def _retry_in_process(self, exc: BaseException, attempt: int) -> bool:
+        decision = self._decide(exc, attempt)
+        return decision.action is Action.RETRY and decision.requested_delay is None
+
+    # Circuit breaker
+
+    def _count_for_breaker(self, run: Run, *, probe: bool) -> None:
+        gate = self._gate
+        if gate is None or self._circuit is None:
+            return
+        if run.error is None:
+            gate.record(True, probe=probe)
+        elif self._decide(run.error, run.attempt).classification is Classification.TRANSIENT:
+            gate.record(False, probe=probe)
+        elif probe:
+            gate.probe_settled()
+
+    def _circuit_changed(self, state: CircuitState) -> None:
+        self._log.warning(f"circuit.{state.value}", state=state.value)
+        for observer in self._observers:
+            try:
+                observer.circuit(self.handler.queue, self.handler.name, state)
+            except Exception:
+                self._log.exception("observer.failed", observer=type(observer).__name__)
+
+    # Observers
 
     def _count_in_flight(self, delta: int) -> None:
         self.in_flight += delta
@@ -231,6 +218,19 @@ class Consumer:
             except Exception:
                 self._log.exception("observer.failed", observer=type(observer).__name__)
 
+    def _emit_success(self, message: AbstractIncomingMessage, run: Run) -> None:
+        handler = self.handler
+        self._emit(
+            Outcome(
+                OutcomeKind.SUCCEEDED,
+                handler.queue,
+                handler.name,
+                message.message_id,
+                run.attempt,
+                run.duration,
+            )
+        )
+
     # Failure path
 
     def _decide(self, exc: BaseException, attempt: int) -> Decision:
@@ -245,14 +245,20 @@ class Consumer:
         return decide(exc, classification, attempt, handler.retry.max_attempts)
 
     async def _fail(
-        self,
-        message: AbstractIncomingMessage,
-        exc: BaseException,
-        attempt: int,
-        earlier: Sequence[h.Failure],
-        duration: float,
+        self, message: AbstractIncomingMessage, run: Run, payload: Any = _NO_PAYLOAD
     ) -> None:
+        """Retry or dead-letter ``message`` after ``run`` failed (fallback first, if it applies)."""
+        exc = run.error
+        assert exc is not None
+        attempt = run.attempt
         decision = self._decide(exc, attempt)
+        if (
+            decision.reason in _FALLBACK_REASONS
+            and self.handler.fallback is not None
+            and payload is not _NO_PAYLOAD
+            and await self._fallback(message, payload, run)
+        ):
+            return
         error = h.ErrorInfo.from_exception(exc)
         log = self._log.bind(
             message_id=message.message_id,
@@ -270,10 +276,10 @@ class Consumer:
             worker=self._policy.worker_id,
         )
         incoming: dict[str, Any] = dict(message.headers or {})
-        if earlier:
+        if run.earlier:
             incoming[h.HISTORY] = [
                 *(f.to_header() for f in h.read_history(incoming)),
-                *(f.to_header() for f in earlier),
+                *(f.to_header() for f in run.earlier),
             ]
         reason = decision.reason.value if decision.reason else None
         new_headers = h.failure_headers(
@@ -318,7 +324,7 @@ class Consumer:
                     self.handler.name,
                     message.message_id,
                     attempt,
-                    duration,
+                    run.duration,
                     severity=severity_of(kind, reason, self.handler.severity),
                     error_type=error.error_type,
                     error_message=error.message,
@@ -401,9 +407,11 @@ class Consumer:
 
     # Stopping
 
-    def stop_taking(self) -> None:
-        """Deliveries not yet started are returned instead of run."""
+    async def stop_taking(self) -> None:
+        """Cancel the consumer; deliveries not yet started are returned instead of run."""
         self._stopping = True
+        if self._gate is not None:
+            await self._gate.stop()
 
     async def drain(self, grace: float) -> int:
         """Wait up to ``grace`` s for running handlers, then cancel the rest; returns how many."""

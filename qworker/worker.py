@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import aiormq
 import structlog
-from aio_pika.abc import AbstractConnection, AbstractQueue
+from aio_pika.abc import AbstractConnection
 
 from qworker.app import App
+from qworker.breaker import Circuit
 from qworker.connection import CONNECT_ERRORS, connect
 from qworker.consumer import Consumer, Policy
 from qworker.logging import configure_logging
@@ -23,13 +23,6 @@ from qworker.topology import declare
 DEFAULT_CONCURRENCY = 10
 DEFAULT_GRACE = 30.0
 _LOSS_ERRORS: tuple[type[BaseException], ...] = (*CONNECT_ERRORS, aiormq.exceptions.AMQPError)
-
-
-@dataclass(slots=True)
-class _Subscription:
-    consumer: Consumer
-    queue: AbstractQueue
-    tag: str
 
 
 class Worker:
@@ -67,7 +60,8 @@ class Worker:
         self._log = structlog.get_logger("qworker")
         self._policy = Policy(app.classifier, app.default, app.worker_id, app.observers)
         self._connection: AbstractConnection | None = None
-        self._subscriptions: list[_Subscription] = []
+        # Breaker state outlives reconnects: a dependency is not fixed by a new connection.
+        self._circuits = {h.queue: Circuit(h.breaker) for h in self.handlers if h.breaker}
 
     def stop(self) -> None:
         """Ask the worker to stop: no new deliveries, running handlers get ``grace`` seconds."""
@@ -79,7 +73,7 @@ class Worker:
         ``ready`` means connected with a consumer attached to every queue.
         """
         connected = self._connection is not None and not self._connection.is_closed
-        attached = len(self._subscriptions) if connected else 0
+        attached = sum(c.consuming for c in self._consumers) if connected else 0
         return {
             "connected": connected,
             "consumers": attached,
@@ -113,12 +107,12 @@ class Worker:
                 lost = asyncio.Event()
                 connection.close_callbacks.add(_setter(lost))
                 try:
-                    subscriptions = await self._subscribe(connection, lost)
+                    await self._subscribe(connection, lost)
                 except _LOSS_ERRORS as exc:
                     self._log.warning("worker.subscribe_failed", error=mask_url(repr(exc)))
                     await _close_quietly(connection)
                     continue
-                self._connection, self._subscriptions = connection, subscriptions
+                self._connection = connection
                 self.connections += 1
                 self.ready.set()
                 self._log.info("worker.consuming", queues=self.queues)
@@ -129,9 +123,11 @@ class Worker:
                 lost_wait.cancel()
                 self.ready.clear()
                 if self._stop.is_set():
-                    await self._shutdown(connection, subscriptions)
+                    await self._shutdown(connection)
                     return
                 self._log.warning("worker.connection_lost", reconnecting=True)
+                for consumer in self._consumers:
+                    await consumer.stop_taking()
                 await _close_quietly(connection)
         finally:
             await self.app.close()
@@ -149,18 +145,15 @@ class Worker:
             return None
         return attempt.result()
 
-    async def _subscribe(
-        self, connection: AbstractConnection, lost: asyncio.Event
-    ) -> list[_Subscription]:
+    async def _subscribe(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
         await declare(connection, self.app.topology(self.queues))
         self.app.attach(connection)
+        # Consumers of a lost connection stay listed while their handlers finish.
         self._consumers = [c for c in self._consumers if c.in_flight]
-        subscriptions = []
         for handler in self.handlers:
             channel = await connection.channel(publisher_confirms=True)
             # Any channel error invalidates its unacked deliveries: start afresh.
             channel.close_callbacks.add(_setter(lost))
-            await channel.set_qos(prefetch_count=self.prefetch)
             consumer = Consumer(
                 handler,
                 self._policy,
@@ -168,25 +161,15 @@ class Worker:
                 ConfirmedPublisher(channel, self.app.confirm_timeout),
                 self.app.publish,
                 self.concurrency,
+                self._circuits.get(handler.queue),
             )
-            queue = await channel.get_queue(handler.queue, ensure=False)
-            tag = await queue.consume(consumer.on_message)
+            await consumer.start(channel, self.prefetch)
             self._consumers.append(consumer)
-            subscriptions.append(_Subscription(consumer, queue, tag))
-        return subscriptions
 
-    async def _shutdown(
-        self, connection: AbstractConnection, subscriptions: list[_Subscription]
-    ) -> None:
+    async def _shutdown(self, connection: AbstractConnection) -> None:
         self._log.info("worker.stopping", in_flight=self.in_flight, grace=self.grace)
-        for sub in subscriptions:
-            sub.consumer.stop_taking()
-            try:
-                await sub.queue.cancel(sub.tag)
-            except Exception as exc:  # the channel may already be gone
-                self._log.warning("worker.cancel_failed", queue=sub.queue.name, error=repr(exc))
         for consumer in self._consumers:
-            consumer.stop_taking()
+            await consumer.stop_taking()
         counts = await asyncio.gather(*(c.drain(self.grace) for c in self._consumers))
         await _close_quietly(connection)
         self._log.info("worker.stopped", cancelled=sum(counts))
