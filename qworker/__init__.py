@@ -6,11 +6,26 @@ dead-lettered with its full error context. See ``qworker dlq --help`` for the to
 that inspects and replays dead letters.
 """
 
+from qworker.alerts import Alert
 from qworker.app import App
+from qworker.breaker import CircuitBreaker
 from qworker.context import Context
 from qworker.errors import Permanent, Retry, Transient
+from qworker.events import Outcome, Severity
 from qworker.retry import RetryPolicy
 from qworker.worker import Worker
 
-__all__ = ["App", "Context", "Permanent", "Retry", "RetryPolicy", "Transient", "Worker"]
+__all__ = [
+    "Alert",
+    "App",
+    "CircuitBreaker",
+    "Context",
+    "Outcome",
+    "Permanent",
+    "Retry",
+    "RetryPolicy",
+    "Severity",
+    "Transient",
+    "Worker",
+]
 __version__ = "0.1.0"
