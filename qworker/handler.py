@@ -149,36 +149,13 @@ def build_handler(
     ):
         raise ConfigurationError(f"delivery_limit must be a positive int, got {delivery_limit!r}")
 
-    params = list(inspect.signature(func).parameters.values())
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception as exc:
-        raise ConfigurationError(f"cannot resolve annotations of {qualname}: {exc}") from None
-    payload = [p for p in params if hints.get(p.name) is not Context]
-    context = [p for p in params if hints.get(p.name) is Context]
-    if len(payload) != 1 or len(context) > 1:
-        raise ConfigurationError(
-            f"handler {qualname} must take one payload parameter and optionally "
-            "one parameter annotated Context"
-        )
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    if params[0] is not payload[0] or any(p.kind not in positional for p in params):
-        # The consumer calls handler(payload) or handler(payload, ctx), positionally.
-        raise ConfigurationError(
-            f"handler {qualname} must take the payload as its first positional parameter, "
-            "then optionally ctx: Context"
-        )
-    if payload[0].name not in hints:
-        raise ConfigurationError(
-            f"annotate the payload parameter {payload[0].name!r} of {qualname} "
-            "(a pydantic model, dict, list, str or bytes)"
-        )
+    annotation, wants_context = _call_shape(func, f"handler {qualname}")
     return Handler(
         queue=queue,
         func=func,
         name=f"{func.__module__}:{func.__qualname__}",
-        decode=make_decoder(hints[payload[0].name]),
-        wants_context=bool(context),
+        decode=make_decoder(annotation),
+        wants_context=wants_context,
         retry=retry or RetryPolicy(),
         transient=_exception_types(transient, "transient"),
         permanent=_exception_types(permanent, "permanent"),
@@ -186,7 +163,7 @@ def build_handler(
         queue_type=typing.cast(QueueType, queue_type),
         delivery_limit=delivery_limit,
         severity=_severities(severity),
-        fallback=_fallback(fallback, len(params), qualname),
+        fallback=_fallback(fallback, wants_context, qualname),
         breaker=_breaker(breaker),
     )
 
@@ -208,16 +185,45 @@ def _severities(value: Mapping[str, str] | None) -> Mapping[str, Severity] | Non
     return overrides
 
 
-def _fallback(func: HandlerFunc | None, arity: int, qualname: str) -> HandlerFunc | None:
+def _fallback(func: HandlerFunc | None, wants_context: bool, qualname: str) -> HandlerFunc | None:
     if func is None:
         return None
+    what = f"fallback of {qualname}"
     if not inspect.iscoroutinefunction(func):
-        raise ConfigurationError(f"fallback of {qualname} must be an async def function")
-    if len(inspect.signature(func).parameters) != arity:
-        raise ConfigurationError(
-            f"fallback of {qualname} must take the same parameters as the handler ({arity})"
-        )
+        raise ConfigurationError(f"{what} must be an async def function")
+    if _call_shape(func, what)[1] != wants_context:
+        raise ConfigurationError(f"{what} must take the same parameters as the handler")
     return func
+
+
+def _call_shape(func: HandlerFunc, what: str) -> tuple[Any, bool]:
+    """The payload annotation of ``func`` and whether it takes a Context.
+
+    The consumer calls ``func(payload)`` or ``func(payload, ctx)``, positionally.
+    """
+    params = list(inspect.signature(func).parameters.values())
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception as exc:
+        raise ConfigurationError(f"cannot resolve annotations of {what}: {exc}") from None
+    payload = [p for p in params if hints.get(p.name) is not Context]
+    context = [p for p in params if hints.get(p.name) is Context]
+    if len(payload) != 1 or len(context) > 1:
+        raise ConfigurationError(
+            f"{what} must take one payload parameter and optionally one parameter annotated Context"
+        )
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if params[0] is not payload[0] or any(p.kind not in positional for p in params):
+        raise ConfigurationError(
+            f"{what} must take the payload as its first positional parameter, "
+            "then optionally ctx: Context"
+        )
+    if payload[0].name not in hints:
+        raise ConfigurationError(
+            f"annotate the payload parameter {payload[0].name!r} of {what} "
+            "(a pydantic model, dict, list, str or bytes)"
+        )
+    return hints[payload[0].name], bool(context)
 
 
 def _breaker(value: CircuitBreaker | None) -> CircuitBreaker | None:

@@ -48,11 +48,18 @@ def mask_url(url: str) -> str:
     return redact(url)
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0/C1 controls (ESC starts terminal escape sequences), and the invisible Unicode format
+# characters (bidi overrides, zero-width, line/paragraph separators) that can disguise text.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def escape_control(text: str, *, keep_newlines: bool = False) -> str:
-    """Escape control characters (ANSI escape sequences included) for a terminal."""
-    if keep_newlines:
-        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text).replace("\n", "\\n")
+    """Escape control characters (ANSI escape sequences included) and invisible format
+    characters (bidi overrides) for a terminal; newlines too unless ``keep_newlines``."""
+    escaped = _CONTROL.sub(_escaped, text)
+    return escaped if keep_newlines else escaped.replace("\n", "\\n")

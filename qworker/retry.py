@@ -163,7 +163,9 @@ def plan_retry(
     if requested_delay is not None:
         wanted = to_ms(requested_delay)
         tier = tier_for(wanted, tiers)
-        return RetryPlan(tier, wanted if 0 < wanted < tier else None)
+        # The message's own TTL makes the wait exact; 1 ms stands for "no wait" (0 is falsy
+        # to AMQP clients and would mean "no expiration").
+        return RetryPlan(tier, max(wanted, 1) if wanted < tier else None)
     retry_number = max(1, math.ceil(failed_attempts / policy.executions_per_delivery))
     tier = tier_for(to_ms(policy.delay(retry_number)), tiers)
     if policy.jitter == 0 or tier == 0:

@@ -276,7 +276,7 @@ def test_plan_retry_follows_the_schedule_with_jitter_inside_the_tier(
         (7.9999, RetryPlan(8000, None)),
         (30.0, RetryPlan(50_000, 30_000)),
         (100.0, RetryPlan(100_000, None)),
-        (0.0, RetryPlan(1000, None)),
+        (0.0, RetryPlan(1000, 1)),  # "now": a 1 ms TTL, not the whole tier
         (1e12, RetryPlan(MAX_TIER_MS, None)),
         (math.inf, RetryPlan(MAX_TIER_MS, None)),
     ],
