@@ -91,6 +91,66 @@ def _message(exc: BaseException) -> str:
         return f"<str() of {error_type_name(exc)} failed>"
 
 
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
+_FRAMES_KEPT = (10, 30)  # first and last frames of a very deep traceback
+
+
+def format_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` with its chained causes, laid out like the interpreter's.
+
+    Unlike :func:`traceback.format_exception` on Python 3.11+, no ``^^^^`` lines:
+    computing them parses every frame's source line, which made formatting the
+    most expensive step of a failure. Very deep tracebacks keep their first and
+    last frames.
+    """
+    chain: list[tuple[BaseException, str]] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    link = ""
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append((current, link))
+        if current.__cause__ is not None:
+            current, link = current.__cause__, _CAUSE
+        elif current.__context__ is not None and not current.__suppress_context__:
+            current, link = current.__context__, _CONTEXT
+        else:
+            current = None
+    parts: list[str] = []
+    for error, link in reversed(chain):
+        parts.extend(_format_one(error))
+        parts.append(link)
+    return "".join(parts)
+
+
+def _format_one(exc: BaseException) -> list[str]:
+    lines: list[str] = []
+    if exc.__traceback__ is not None:
+        frames = traceback.StackSummary.extract(
+            traceback.walk_tb(exc.__traceback__), lookup_lines=False
+        )
+        head, tail = _FRAMES_KEPT
+        omitted = len(frames) - head - tail
+        shown: list[traceback.FrameSummary | None] = list(frames)
+        if omitted > 0:
+            shown = [*frames[:head], None, *frames[-tail:]]
+        lines.append("Traceback (most recent call last):\n")
+        for frame in shown:
+            if frame is None:
+                lines.append(f"  ... {omitted} frames omitted ...\n")
+                continue
+            lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
+            source = (frame.line or "").strip()
+            if source:
+                lines.append(f"    {source}\n")
+    try:
+        lines.extend(traceback.format_exception_only(type(exc), exc))
+    except Exception:  # an exception whose __str__ raises
+        lines.append(f"{error_type_name(exc)}: <unprintable>\n")
+    return lines
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
     """A failure, redacted and capped, ready to be written to headers and logs."""
@@ -102,7 +162,7 @@ class ErrorInfo:
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
         """Capture ``exc`` with its chained causes."""
-        formatted = "".join(traceback.format_exception(exc))
+        formatted = format_traceback(exc)
         return cls(
             error_type=error_type_name(exc),
             message=truncate(redact(_message(exc)), MESSAGE_LIMIT),

@@ -35,8 +35,30 @@ def _mask_value(match: re.Match[str]) -> str:
     return f"{match.group('key')}{match.group('sep')}{quote}{MASK}{quote}"
 
 
+# Every pattern above needs one of these words (lower case); text without any of them is
+# returned as it is, which spares the regular expressions on the common path.
+_TRIGGERS = (
+    "://",
+    "bearer",
+    "basic",
+    "digest",
+    "authoriz",
+    "passw",
+    "pwd",
+    "secret",
+    "token",
+    "api",
+    "credential",
+    "private",
+    "access",
+)
+
+
 def redact(text: str) -> str:
     """Return ``text`` with secrets replaced by ``***``."""
+    lowered = text.lower()
+    if not any(trigger in lowered for trigger in _TRIGGERS):
+        return text
     text = _URL_CREDENTIALS.sub(rf"\g<head>{MASK}@", text)
     text = _AUTH_HEADER.sub(rf"\g<head>{MASK}", text)
     text = _AUTH_SCHEME.sub(rf"\g<scheme> {MASK}", text)

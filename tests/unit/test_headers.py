@@ -385,10 +385,24 @@ def test_error_message_is_capped_at_2_kib() -> None:
 
 def test_traceback_is_capped_at_16_kib_keeping_the_tail() -> None:
     """A long traceback keeps its end (where the error is), not its beginning."""
-    info = h.ErrorInfo.from_exception(_deep_traceback(300))
+    try:
+        try:
+            raise ValueError("x" * 40_000)
+        except ValueError as cause:
+            raise RuntimeError("bottom of the stack") from cause
+    except RuntimeError as exc:
+        info = h.ErrorInfo.from_exception(exc)
     assert _utf8_size(info.traceback) <= h.TRACEBACK_LIMIT
     assert info.traceback.startswith("...[truncated]")
     assert info.traceback.rstrip().endswith("RuntimeError: bottom of the stack")
+
+
+def test_deep_traceback_keeps_its_first_and_last_frames() -> None:
+    """300 frames: the first 10 and the last 30 are kept, the rest is counted, not listed."""
+    text = h.format_traceback(_deep_traceback(300))
+    assert text.count('  File "') == 40
+    assert "frames omitted" in text
+    assert text.rstrip().endswith("RuntimeError: bottom of the stack")
 
 
 def _huge_forged_headers() -> dict[str, Any]:
