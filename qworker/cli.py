@@ -123,6 +123,25 @@ def cli() -> None:
     help="Default: console on a terminal, JSON otherwise.",
 )
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--processes",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Worker processes; above 1, a supervisor starts, restarts and drains them.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve /metrics, /healthz and /readyz on this port (needs qworker[metrics]).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics and health server binds (0.0.0.0: every interface).",
+)
 @url_option
 def run(
     app_spec: str,
@@ -132,12 +151,49 @@ def run(
     grace: float,
     log_format: str | None,
     log_level: str,
+    processes: int,
+    metrics_port: int | None,
+    metrics_host: str,
     url: str | None,
 ) -> None:
-    """Run a worker for APP (module:attribute) until SIGTERM or SIGINT."""
+    """Run a worker for APP (module:attribute) until SIGTERM or SIGINT.
+
+    Supervisor exit codes (--processes above 1): 0 all workers drained after
+    SIGTERM/SIGINT; 1 crash loop (5 exits within 60 s) or an unclean drain; 2 or 3
+    a worker failed to start with that code (1 for any other start failure).
+    """
+    from qworker import supervisor
+
     configure_logging(log_format, log_level)  # type: ignore[arg-type]
+    metrics = metrics_port is not None or supervisor.metrics_requested()
+    if metrics:
+        try:
+            from qworker.metrics import Metrics
+        except ImportError as exc:
+            fail(str(exc), EXIT_USAGE)
     app = load_app(app_spec, url)
     selected = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    try:
+        app.select(selected)
+    except ConfigurationError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if processes > 1:
+        options = [("--queues", queues), ("--prefetch", prefetch), ("--log-format", log_format)]
+        command = [sys.executable, "-m", "qworker", "run", app_spec]
+        command += ["--concurrency", str(concurrency), "--grace", repr(grace)]
+        command += ["--log-level", log_level]
+        command += [str(x) for option, value in options if value for x in (option, value)]
+        env = dict(os.environ)
+        if url:
+            env["QWORKER_URL"] = url  # not on the command line, where `ps` shows passwords
+        boss = supervisor.Supervisor(
+            command, processes, grace, env, metrics_host=metrics_host, metrics_port=metrics_port
+        )
+        outcome = run_async(boss.run())
+        if outcome.error:
+            fail(outcome.error, outcome.code)
+        sys.exit(outcome.code)
+    observer = Metrics().attach(app, selected) if metrics else None
     try:
         worker = Worker(
             app, queues=selected, concurrency=concurrency, prefetch=prefetch, grace=grace
@@ -146,10 +202,18 @@ def run(
         fail(str(exc), EXIT_USAGE)
 
     async def serve() -> None:
+        from qworker.health import HttpServer, worker_routes
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
+        async with supervisor.supervised(worker):
+            if metrics_port is None:
+                await worker.run()
+                return
+            render = observer.render if observer is not None else None
+            async with HttpServer(worker_routes(worker, render), metrics_host, metrics_port):
+                await worker.run()
 
     run_async(serve())
 

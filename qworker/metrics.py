@@ -1,0 +1,258 @@
+"""Prometheus metrics: an :class:`~qworker.events.Observer` that counts outcomes.
+
+Needs the ``metrics`` extra (``pip install 'qworker[metrics]'``). Every metric lives
+in the :class:`Metrics` object's own ``CollectorRegistry``, never the global one. Under
+``qworker run --processes N`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` for its
+children, prometheus-client then keeps the values in files there, and the supervisor
+serves the sum over its children (:func:`render_multiprocess`).
+
+- ``qworker_messages_total{queue,handler,outcome}``: succeeded, retried, dead_lettered
+- ``qworker_retries_total{queue,tier}``: retries scheduled, by tier (``500ms``, ``2s``)
+- ``qworker_dead_letters_total{queue,reason}``: by dead-letter reason
+- ``qworker_failures_total{queue,handler,outcome,severity}``: retried and dead-lettered
+  deliveries by :class:`~qworker.events.Severity` (``low`` for every retry)
+- ``qworker_handler_seconds{queue,handler}``: histogram of handler run time
+- ``qworker_in_flight{queue}``: gauge, handlers running (summed over live processes)
+- ``qworker_circuit_state{queue}``: gauge, 0 closed, 1 half-open, 2 open (worst live process)
+
+Per event the cost is one dict lookup and a few increments: label children are
+bound once per queue/handler (and reason, tier, severity) and cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+try:
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        generate_latest,
+    )
+    from prometheus_client import multiprocess as _multiprocess
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.registry import Collector
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "qworker metrics need prometheus-client: pip install 'qworker[metrics]'"
+    ) from exc
+
+from qworker.events import CircuitState, Observer, Outcome, OutcomeKind
+
+if TYPE_CHECKING:
+    from qworker.app import App
+
+#: Handler durations, seconds: from 1 ms to the five minutes a slow handler may take.
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+#: ``qworker_circuit_state`` values.
+CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+_Key = tuple[str, str, str, str | None, str | None, str | None]
+"""queue, handler, outcome, reason, tier, severity."""
+
+
+@dataclass(slots=True)
+class _Success:
+    messages: Counter
+    seconds: Histogram
+
+
+@dataclass(slots=True)
+class _Failure:
+    messages: Counter
+    failures: Counter
+    detail: Counter
+    """``qworker_retries_total`` (by tier) or ``qworker_dead_letters_total`` (by reason)."""
+    seconds: Histogram | None
+    """None when the handler never ran (the body could not be decoded)."""
+
+
+class Metrics(Observer):
+    """Counts every outcome, in-flight change and circuit change in Prometheus metrics.
+
+    ``app.add_observer(Metrics())`` (or :meth:`attach`, which also creates the
+    series of the app's queues at zero); serve :meth:`render` on ``/metrics``.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.messages = Counter(
+            "qworker_messages",
+            "Deliveries by outcome.",
+            ["queue", "handler", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "qworker_retries", "Retries scheduled, by delay tier.", ["queue", "tier"], registry=r
+        )
+        self.dead_letters = Counter(
+            "qworker_dead_letters", "Messages dead-lettered, by reason.", ["queue", "reason"],
+            registry=r,
+        )  # fmt: skip
+        self.failures = Counter(
+            "qworker_failures",
+            "Failed deliveries (retried or dead-lettered) by severity.",
+            ["queue", "handler", "outcome", "severity"],
+            registry=r,
+        )
+        self.seconds = Histogram(
+            "qworker_handler_seconds",
+            "Time the handler ran (its last execution), every outcome.",
+            ["queue", "handler"],
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.in_flight_gauge = Gauge(
+            "qworker_in_flight",
+            "Handlers running now.",
+            ["queue"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.circuit_gauge = Gauge(
+            "qworker_circuit_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open (worst live process).",
+            ["queue"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._successes: dict[tuple[str, str], _Success] = {}
+        self._failures: dict[_Key, _Failure] = {}
+        self._in_flight: dict[str, Gauge] = {}
+        self._circuits: dict[str, Gauge] = {}
+
+    def attach(self, app: App, queues: Sequence[str] | None = None) -> Metrics:
+        """Observe ``app`` and create its queues' series at zero (so rates start from 0)."""
+        app.add_observer(self)
+        self.prepare((h.queue, h.name) for h in app.select(queues))
+        return self
+
+    def prepare(self, handlers: Iterable[tuple[str, str]]) -> None:
+        """Create the series of ``(queue, handler)`` pairs at zero."""
+        for queue, handler in handlers:
+            for kind in OutcomeKind:
+                self.messages.labels(queue, handler, kind.value)
+            self._success(queue, handler)
+            self.in_flight(queue, 0)
+            self.circuit(queue, handler, CircuitState.CLOSED)
+
+    # Observer
+
+    def outcome(self, event: Outcome) -> None:
+        """Count one delivery's outcome and observe its handler time."""
+        if event.kind is OutcomeKind.SUCCEEDED:
+            bound = self._successes.get((event.queue, event.handler))
+            if bound is None:
+                bound = self._success(event.queue, event.handler)
+            bound.messages.inc()
+            bound.seconds.observe(event.duration)
+            return
+        key = (
+            event.queue,
+            event.handler,
+            event.kind.value,
+            event.reason,
+            event.tier,
+            event.severity.value if event.severity is not None else None,
+        )
+        failure = self._failures.get(key)
+        if failure is None:
+            failure = self._failure(key, decoded=event.reason != "decode_error")
+        failure.messages.inc()
+        failure.failures.inc()
+        failure.detail.inc()
+        if failure.seconds is not None:
+            failure.seconds.observe(event.duration)
+
+    def in_flight(self, queue: str, count: int) -> None:
+        """Set ``qworker_in_flight{queue}``."""
+        gauge = self._in_flight.get(queue)
+        if gauge is None:
+            gauge = self._in_flight[queue] = self.in_flight_gauge.labels(queue)
+        gauge.set(count)
+
+    def circuit(self, queue: str, handler: str, state: CircuitState) -> None:
+        """Set ``qworker_circuit_state{queue}`` (0 closed, 1 half-open, 2 open)."""
+        gauge = self._circuits.get(queue)
+        if gauge is None:
+            gauge = self._circuits[queue] = self.circuit_gauge.labels(queue)
+        gauge.set(CIRCUIT_VALUES.get(state, 2))
+
+    # Exposition
+
+    def render(self) -> bytes:
+        """This process's metrics in the Prometheus text format."""
+        return generate_latest(self.registry)
+
+    # Label binding (once per series)
+
+    def _success(self, queue: str, handler: str) -> _Success:
+        bound = _Success(
+            self.messages.labels(queue, handler, OutcomeKind.SUCCEEDED.value),
+            self.seconds.labels(queue, handler),
+        )
+        self._successes[(queue, handler)] = bound
+        return bound
+
+    def _failure(
+        self,
+        key: _Key,
+        *,
+        decoded: bool,
+    ) -> _Failure:
+        queue, handler, outcome, reason, tier, severity = key
+        if outcome == OutcomeKind.RETRIED.value:
+            detail = self.retries.labels(queue, tier or "unknown")
+        else:
+            detail = self.dead_letters.labels(queue, reason or "unknown")
+        bound = _Failure(
+            self.messages.labels(queue, handler, outcome),
+            self.failures.labels(queue, handler, outcome, severity or "none"),
+            detail,
+            self.seconds.labels(queue, handler) if decoded else None,
+        )
+        self._failures[key] = bound
+        return bound
+
+
+def render_multiprocess(directory: str, extra: Iterable[Collector] = ()) -> bytes:
+    """The sum of every process's metrics kept in ``directory`` (plus ``extra`` collectors)."""
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    for collector in extra:
+        registry.register(collector)
+    return generate_latest(registry)
+
+
+def mark_process_dead(pid: int, directory: str) -> None:
+    """Forget a dead process's live gauges (its counters keep counting in the sum)."""
+    _multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+class _SupervisorCollector(Collector):
+    def __init__(self, restarts: Callable[[], int], alive: Callable[[], int]) -> None:
+        self._restarts, self._alive = restarts, alive
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "qworker_process_restarts", "Worker processes restarted by the supervisor.",
+            value=self._restarts(),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "qworker_processes_alive", "Worker processes alive.", value=self._alive()
+        )
+
+
+def supervisor_collector(restarts: Callable[[], int], alive: Callable[[], int]) -> Collector:
+    """The supervisor's own metrics: restarts so far and live worker processes."""
+    return _SupervisorCollector(restarts, alive)

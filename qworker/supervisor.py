@@ -1,0 +1,364 @@
+"""``qworker run APP --processes N``: a supervisor that keeps N worker processes running.
+
+Each worker is a separate ``python -m qworker run APP ...`` child (same options, minus
+``--processes`` and the metrics server) with its own broker connection, in its own
+process group, so a terminal's Ctrl-C reaches the supervisor only and it decides.
+
+- **Restarts.** A child that exits while the supervisor is not stopping is started
+  again after a backoff of 0.5 s doubling to 30 s (reset once a child has lived 60 s).
+- **Crash loop.** 5 unexpected exits within 60 s stop everything: one line on
+  stderr, exit code 1. A child that dies on every start ends here within seconds.
+- **Configuration failure.** A child exiting with code 2 or 3 (bad usage, the app
+  cannot be imported, its topology conflicts with existing queues) cannot be fixed by
+  a restart: everything stops at once, one line on stderr, the child's exit code.
+- **Signals.** SIGTERM or SIGINT is forwarded as SIGTERM to every child, which drains
+  (``--grace``); children still alive ``grace + 15`` s later are killed. Exit code 0
+  when every child drained cleanly, else 1.
+- **Readiness.** The supervisor gives its children a fresh temp directory
+  (``QWORKER_SUPERVISOR_DIR``). A child keeps the file ``ready-<pid>`` there exactly
+  while its worker is ready (checked every 0.2 s), and stops itself if the supervisor
+  goes away. With ``--metrics-port`` the same directory is the children's
+  ``PROMETHEUS_MULTIPROC_DIR``; it is removed when the supervisor exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from qworker.health import DEFAULT_HOST, HttpServer, Response, Route, metrics_route
+
+if TYPE_CHECKING:
+    from qworker.worker import Worker
+
+ENV_DIR = "QWORKER_SUPERVISOR_DIR"
+ENV_PID = "QWORKER_SUPERVISOR_PID"
+ENV_METRICS = "QWORKER_SUPERVISOR_METRICS"
+EXIT_FAILURE = 1
+FATAL_CODES = (2, 3)  # bad usage, app cannot be loaded or topology conflicts: restarts won't help
+CLEAN_CODES = (0, -signal.SIGTERM)  # after a stop; -SIGTERM: stopped before it could drain
+POLL = 0.2
+KILL_MARGIN = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """How the supervisor ended: the process exit code and, on failure, one line to print."""
+
+    code: int
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Slot:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    generation: int = 0
+    ready: bool = False
+    ever_ready: bool = False
+    failures: int = 0
+    last_code: int | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+
+@dataclass(slots=True)
+class Limits:
+    """Restart and crash-loop settings."""
+
+    crash_limit: int = 5
+    crash_window: float = 60.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    stable_after: float = 60.0
+
+    def backoff(self, failures: int) -> float:
+        """Seconds before the restart after ``failures`` consecutive failures (1-based)."""
+        return float(min(self.backoff_initial * 2 ** min(failures - 1, 30), self.backoff_max))
+
+
+@dataclass
+class Supervisor:
+    """Runs ``processes`` copies of ``command`` until stopped (see the module docstring)."""
+
+    command: Sequence[str]
+    processes: int
+    grace: float
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    metrics_host: str = DEFAULT_HOST
+    metrics_port: int | None = None
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        self._slots = [_Slot(i) for i in range(1, self.processes + 1)]
+        self._crashes: deque[float] = deque()
+        self._restarts = 0
+        self._stopping = asyncio.Event()
+        self._fatal: Exit | None = None
+        self._all_ready = False
+        self._ever_ready = False
+        self._killer: asyncio.Task[None] | None = None
+        self._dir = ""
+        self._log = structlog.get_logger("qworker")
+
+    async def run(self) -> Exit:
+        """Start the children and keep them running until a signal or a fatal failure."""
+        self._dir = tempfile.mkdtemp(prefix="qworker-")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop, sig)
+        server: HttpServer | None = None
+        monitor = asyncio.create_task(self._monitor())
+        try:
+            self._log.info("supervisor.starting", processes=self.processes, pid=os.getpid())
+            if self.metrics_port is not None:
+                server = HttpServer(self._routes(), self.metrics_host, self.metrics_port)
+                await server.start()
+            await asyncio.gather(*(self._keep(slot) for slot in self._slots))
+        finally:
+            monitor.cancel()
+            if self._killer is not None:
+                self._killer.cancel()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            if server is not None:
+                await server.close()
+            for slot in self._slots:  # only after an internal error
+                if slot.alive and slot.proc is not None:
+                    slot.proc.kill()
+            shutil.rmtree(self._dir, ignore_errors=True)
+        if self._fatal is not None:
+            return self._fatal
+        clean = all(slot.last_code in CLEAN_CODES for slot in self._slots)
+        self._log.info("supervisor.stopped", clean=clean)
+        return Exit(0 if clean else EXIT_FAILURE)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop restarting and ask every child to drain (SIGTERM); idempotent."""
+        if not self._stopping.is_set():
+            self._log.info("supervisor.stopping", signal=signal.Signals(sig).name)
+            self._stopping.set()
+            self._killer = asyncio.create_task(self._kill_after(self.grace + KILL_MARGIN))
+        for slot in self._slots:
+            if slot.alive and slot.proc is not None:
+                slot.proc.send_signal(signal.SIGTERM)
+
+    # Children
+
+    async def _keep(self, slot: _Slot) -> None:
+        """Run one slot's child, restarting it, until stopping."""
+        while not self._stopping.is_set():
+            proc = await self._spawn(slot)
+            code = await proc.wait()
+            slot.last_code = code
+            was_ready = slot.ever_ready or self._ready_file(proc.pid).exists()
+            self._forget(proc.pid)
+            slot.ready = False
+            if self._stopping.is_set():
+                self._log.info("supervisor.child_stopped", slot=slot.index, pid=proc.pid, code=code)
+                return
+            uptime = time.monotonic() - slot.started_at
+            self._log.error(
+                "supervisor.child_exited",
+                slot=slot.index,
+                pid=proc.pid,
+                code=code,
+                signal=signal.Signals(-code).name if code < 0 else None,
+                uptime=round(uptime, 3),
+                was_ready=was_ready,
+            )
+            self._ever_ready = self._ever_ready or was_ready
+            if code in FATAL_CODES:
+                when = "after" if was_ready else "before"
+                self._give_up(
+                    f"worker process {slot.index} (pid {proc.pid}) exited with code {code} "
+                    f"{when} it was ready; stopped the others (its error is above)",
+                    code,
+                )
+                return
+            now = time.monotonic()
+            self._crashes.append(now)
+            while self._crashes and self._crashes[0] < now - self.limits.crash_window:
+                self._crashes.popleft()
+            if len(self._crashes) >= self.limits.crash_limit:
+                never = "" if self._ever_ready else ", none of them ever ready"
+                self._give_up(
+                    f"crash loop: worker processes exited {len(self._crashes)} times within "
+                    f"{self.limits.crash_window:g}s{never} (last exit code {code}); stopped",
+                    EXIT_FAILURE,
+                )
+                return
+            slot.failures = 1 if uptime >= self.limits.stable_after else slot.failures + 1
+            delay = self.limits.backoff(slot.failures)
+            self._log.warning("supervisor.restarting", slot=slot.index, delay=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
+        env = dict(self.env)
+        env[ENV_DIR] = self._dir
+        env[ENV_PID] = str(os.getpid())
+        if self.metrics_port is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = self._dir
+            env.pop("prometheus_multiproc_dir", None)
+            env[ENV_METRICS] = "1"
+        proc = await asyncio.create_subprocess_exec(*self.command, env=env, process_group=0)
+        slot.proc, slot.started_at, slot.ever_ready = proc, time.monotonic(), False
+        slot.generation += 1
+        if slot.generation > 1:
+            self._restarts += 1
+        self._log.info(
+            "supervisor.child_started", slot=slot.index, pid=proc.pid, generation=slot.generation
+        )
+        if self._stopping.is_set():  # a stop arrived while it was being spawned
+            proc.send_signal(signal.SIGTERM)
+        return proc
+
+    def _give_up(self, message: str, code: int) -> None:
+        if self._fatal is None:
+            self._fatal = Exit(code, message)
+            self._log.error("supervisor.giving_up", reason=message)
+        self.stop()
+
+    async def _kill_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        for slot in self._slots:
+            if slot.alive and slot.proc is not None:
+                self._log.error("supervisor.child_killed", slot=slot.index, pid=slot.proc.pid)
+                slot.proc.kill()
+
+    # Readiness and health
+
+    def _ready_file(self, pid: int) -> Path:
+        return Path(self._dir, f"ready-{pid}")
+
+    def _forget(self, pid: int) -> None:
+        """Remove a dead child's ready file and live gauges (its counters stay in the sum)."""
+        self._ready_file(pid).unlink(missing_ok=True)
+        if self.metrics_port is not None:
+            from qworker.metrics import mark_process_dead
+
+            mark_process_dead(pid, self._dir)
+
+    async def _monitor(self) -> None:
+        """Track which children are ready; log when all are, and when that changes."""
+        while True:
+            for slot in self._slots:
+                proc = slot.proc
+                slot.ready = bool(proc and slot.alive and self._ready_file(proc.pid).exists())
+                slot.ever_ready = slot.ever_ready or slot.ready
+                self._ever_ready = self._ever_ready or slot.ready
+            all_ready = all(slot.ready for slot in self._slots)
+            if all_ready != self._all_ready and not self._stopping.is_set():
+                self._all_ready = all_ready
+                event = "supervisor.ready" if all_ready else "supervisor.not_ready"
+                self._log.info(event, pids=[s.proc.pid for s in self._slots if s.proc])
+            await asyncio.sleep(POLL)
+
+    def facts(self) -> dict[str, Any]:
+        """The children as health endpoints report them."""
+        children = [
+            {
+                "slot": s.index,
+                "pid": s.proc.pid if s.proc else None,
+                "alive": s.alive,
+                "ready": s.ready and s.alive,
+            }
+            for s in self._slots
+        ]
+        return {
+            "processes": self.processes,
+            "alive": sum(c["alive"] for c in children),
+            "ready": sum(c["ready"] for c in children),
+            "restarts": self._restarts,
+            "stopping": self._stopping.is_set(),
+            "children": children,
+        }
+
+    def _routes(self) -> dict[str, Route]:
+        from qworker.metrics import render_multiprocess, supervisor_collector
+
+        collector = supervisor_collector(
+            lambda: self._restarts, lambda: sum(s.alive for s in self._slots)
+        )
+
+        async def healthz() -> Response:
+            facts = self.facts()
+            return Response.check(facts["alive"] == self.processes, facts)
+
+        async def readyz() -> Response:
+            facts = self.facts()
+            ok = facts["ready"] == self.processes and not facts["stopping"]
+            return Response.check(ok, facts)
+
+        return {
+            "/healthz": healthz,
+            "/readyz": readyz,
+            "/metrics": metrics_route(lambda: render_multiprocess(self._dir, [collector])),
+        }
+
+
+# The child's side
+
+
+@contextlib.asynccontextmanager
+async def supervised(worker: Worker) -> AsyncIterator[None]:
+    """In a supervised child: keep ``ready-<pid>`` while ready; stop if the supervisor dies."""
+    directory = os.environ.get(ENV_DIR)
+    if not directory:
+        yield
+        return
+    path = Path(directory, f"ready-{os.getpid()}")
+    parent = int(os.environ.get(ENV_PID) or 0)
+    task = asyncio.create_task(_report(worker, path, parent))
+    try:
+        yield
+    finally:
+        task.cancel()
+        _mark(path, False)
+
+
+def metrics_requested() -> bool:
+    """True in a child of a supervisor that serves metrics."""
+    return bool(os.environ.get(ENV_DIR)) and os.environ.get(ENV_METRICS) == "1"
+
+
+async def _report(worker: Worker, path: Path, parent: int) -> None:
+    log = structlog.get_logger("qworker")
+    was_ready = False
+    while True:
+        ready = bool(worker.health()["ready"])
+        if ready != was_ready:
+            _mark(path, ready)
+            was_ready = ready
+        if parent and os.getppid() != parent:
+            log.error("worker.supervisor_gone", supervisor_pid=parent)
+            worker.stop()
+            return
+        if ready or worker.ready.is_set():
+            await asyncio.sleep(POLL)
+        else:  # mark readiness as soon as it comes, before a first delivery can crash us
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(worker.ready.wait(), POLL)
+
+
+def _mark(path: Path, ready: bool) -> None:
+    if ready:
+        path.touch()
+    else:
+        path.unlink(missing_ok=True)

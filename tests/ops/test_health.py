@@ -1,0 +1,83 @@
+"""/healthz and /readyz of a single worker follow its broker connection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.ops.conftest import OpsProcess
+
+pytestmark = pytest.mark.rabbitmq
+
+
+def _ctl(*args: str) -> str:
+    return subprocess.run(
+        ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture
+def own_user(broker_url: str) -> Iterator[tuple[str, str]]:
+    """A broker user of our own (url, name): breaking its login touches no other test."""
+    name = f"ops-{uuid.uuid4().hex[:12]}"
+    parts = urlsplit(broker_url)
+    vhost = parts.path.lstrip("/") or "/"
+    _ctl("add_user", name, "right")
+    _ctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
+    yield (
+        parts._replace(netloc=f"{name}:right@{parts.hostname}:{parts.port or 5672}").geturl(),
+        name,
+    )
+    _ctl("delete_user", name)
+
+
+def close_connections_named(name: str) -> int:
+    """Close (broker side) only the connections whose connection_name contains ``name``."""
+    closed = 0
+    for line in _ctl("list_connections", "pid", "client_properties").splitlines():
+        pid, _, properties = line.partition("\t")
+        if f'"connection_name","{name}' in properties:
+            _ctl("close_connection", pid, "test: forced close")
+            closed += 1
+    return closed
+
+
+def wait_status(process: OpsProcess, path: str, status: int, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        got, body = process.get(path)
+        if got == status:
+            return dict(json.loads(body))
+        assert time.monotonic() < deadline, f"{path}: {got} {body!r}\n{process.output()}"
+        time.sleep(0.05)
+
+
+async def test_health_and_readiness_are_503_while_the_connection_is_gone(
+    ops: OpsProcess, own_user: tuple[str, str]
+) -> None:
+    """200 while consuming; 503 after the broker closes the connection and while it cannot
+    reconnect; 200 again once it has reconnected and consumes."""
+    url, user = own_user
+    ops.env["QWORKER_OPS_URL"] = url
+    ops.start("--log-format", "json", "--metrics-port", "0")
+    ops.wait_log("worker.consuming")
+    assert wait_status(ops, "/healthz", 200)["consumers"] == 1
+    assert wait_status(ops, "/readyz", 200)["ready"] is True
+
+    _ctl("change_password", user, "wrong")  # reconnecting fails until the password is back
+    assert close_connections_named(ops.app_name) >= 1
+    facts = wait_status(ops, "/healthz", 503)
+    assert facts["ok"] is False and facts["connected"] is False
+    time.sleep(1.0)
+    assert ops.get("/healthz")[0] == 503
+    assert ops.get("/readyz")[0] == 503
+
+    _ctl("change_password", user, "right")
+    assert wait_status(ops, "/readyz", 200, timeout=30)["connections"] == 2
+    assert wait_status(ops, "/healthz", 200)["consumers"] == 1
