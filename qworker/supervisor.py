@@ -70,7 +70,8 @@ class _Slot:
     ready: bool = False
     ever_ready: bool = False
     failures: int = 0
-    last_code: int | None = None
+    stop_code: int = 0
+    """Exit code of the child that was running when the stop came (0 when none was)."""
 
     @property
     def alive(self) -> bool:
@@ -144,7 +145,7 @@ class Supervisor:
             shutil.rmtree(self._dir, ignore_errors=True)
         if self._fatal is not None:
             return self._fatal
-        clean = all(slot.last_code in CLEAN_CODES for slot in self._slots)
+        clean = all(slot.stop_code in CLEAN_CODES for slot in self._slots)
         self._log.info("supervisor.stopped", clean=clean)
         return Exit(0 if clean else EXIT_FAILURE)
 
@@ -165,11 +166,11 @@ class Supervisor:
         while not self._stopping.is_set():
             proc = await self._spawn(slot)
             code = await proc.wait()
-            slot.last_code = code
             was_ready = slot.ever_ready or self._ready_file(proc.pid).exists()
             self._forget(proc.pid)
             slot.ready = False
             if self._stopping.is_set():
+                slot.stop_code = code
                 self._log.info("supervisor.child_stopped", slot=slot.index, pid=proc.pid, code=code)
                 return
             uptime = time.monotonic() - slot.started_at
