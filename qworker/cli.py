@@ -234,6 +234,11 @@ def topology(app_spec: str, as_json: bool) -> None:
     click.echo(f"broker: {', '.join(mask_url(u) for u in app.urls)}", err=True)
 
 
+from qworker.dlq_cli import dlq  # noqa: E402  (dlq_cli imports this module's helpers)
+
+cli.add_command(dlq)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="qworker")

@@ -1,0 +1,224 @@
+"""The DLQ tool as a library: inspect, group, export, replay, edit and purge dead letters.
+
+Every function takes an open aio-pika connection and a DLQ name; the
+``qworker dlq`` commands are a thin layer over them. Reading never removes a
+message: a pass holds what it reads unacked and returns it when its channel
+closes, so inspection leaves a DLQ exactly as it was, and a message leaves only
+after it was confirmed elsewhere (replay), written and fsynced (export
+``remove=True``), or explicitly purged::
+
+    async with await aio_pika.connect(url) as connection:
+        stats, report = await dlq.stats(connection, "orders.dlq")
+        result = await dlq.replay(
+            connection, "orders.dlq", chosen=dlq.Filter(error_type="KeyError"),
+            options=dlq.ReplayOptions(canary=5),
+        )
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TextIO
+
+from aio_pika.abc import AbstractConnection
+
+from qworker.app import App
+from qworker.dlq_cursor import QueueNotFound, Safety, ScanReport, select
+from qworker.dlq_filters import Filter, FilterError
+from qworker.dlq_jsonl import BadRecord, dumps, read_records
+from qworker.dlq_records import DeadLetter, origin
+from qworker.dlq_replay import ReplayOptions, replace, replay, replay_records
+from qworker.dlq_routing import BadTarget
+from qworker.dlq_send import Canary, Event, Outcome, ReplayResult
+from qworker.dlq_stats import Group, Stats
+from qworker.errors import ConfigurationError
+
+__all__ = [
+    "BadRecord",
+    "BadTarget",
+    "Canary",
+    "DeadLetter",
+    "DlqSummary",
+    "Event",
+    "Filter",
+    "FilterError",
+    "Group",
+    "Outcome",
+    "QueueNotFound",
+    "ReplayOptions",
+    "ReplayResult",
+    "Safety",
+    "ScanReport",
+    "Stats",
+    "browse",
+    "dumps",
+    "export",
+    "find",
+    "purge",
+    "read_records",
+    "replace",
+    "replay",
+    "replay_records",
+    "stats",
+    "summarize",
+    "validate_body",
+]
+
+#: Records written between two fsyncs (and acks) of ``export(remove=True)``.
+EXPORT_BATCH = 1000
+
+
+async def browse(
+    connection: AbstractConnection,
+    queue: str,
+    visit: Callable[[DeadLetter], None],
+    *,
+    chosen: Filter | None = None,
+    limit: int | None = None,
+) -> ScanReport:
+    """Call ``visit`` for each dead letter of ``queue`` matching ``chosen`` (at most ``limit``).
+
+    The DLQ is unchanged afterwards. Raises :class:`QueueNotFound`.
+    """
+    async with select(connection, queue, chosen or Filter(), limit) as selection:
+        async for held in selection:
+            visit(held.dead_letter)
+        return selection.report
+
+
+async def stats(
+    connection: AbstractConnection,
+    queue: str,
+    *,
+    chosen: Filter | None = None,
+    limit: int | None = None,
+) -> tuple[Stats, ScanReport]:
+    """Group the matching dead letters (see :mod:`qworker.dlq_stats`), keeping no bodies."""
+    aggregate = Stats()
+    report = await browse(connection, queue, aggregate.add, chosen=chosen, limit=limit)
+    return aggregate, report
+
+
+async def export(
+    connection: AbstractConnection,
+    queue: str,
+    out: TextIO,
+    *,
+    chosen: Filter | None = None,
+    limit: int | None = None,
+    remove: bool = False,
+) -> ScanReport:
+    """Write the matching dead letters to ``out``, one JSON record per line.
+
+    With ``remove``, ``out`` must be a real file: every :data:`EXPORT_BATCH`
+    records (and at the end) it is flushed and fsynced, and only then are
+    those messages acked, so a crash leaves each message in the file, the DLQ
+    or both.
+    """
+    async with select(connection, queue, chosen or Filter(), limit) as selection:
+        written: list[int] = []
+        async for held in selection:
+            out.write(dumps(held.dead_letter) + "\n")
+            if remove:
+                written.append(held.tag)
+                if len(written) >= EXPORT_BATCH:
+                    await _remove_written(out, written, selection.cursor.ack)
+        out.flush()
+        if remove:
+            await _remove_written(out, written, selection.cursor.ack)
+        return selection.report
+
+
+async def _remove_written(
+    out: TextIO, tags: list[int], ack: Callable[[int], Awaitable[None]]
+) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+    for tag in tags:
+        await ack(tag)
+    tags.clear()
+
+
+async def purge(
+    connection: AbstractConnection,
+    queue: str,
+    *,
+    chosen: Filter | None = None,
+    limit: int | None = None,
+) -> ScanReport:
+    """Delete the matching dead letters (``report.matched`` of them); the others stay."""
+    async with select(connection, queue, chosen or Filter(), limit) as selection:
+        async for held in selection:
+            await selection.cursor.ack(held.tag)
+        return selection.report
+
+
+async def find(connection: AbstractConnection, queue: str, message_id: str) -> DeadLetter | None:
+    """The first dead letter of ``queue`` with ``message_id`` (the DLQ is unchanged)."""
+    found: list[DeadLetter] = []
+    await browse(connection, queue, found.append, chosen=Filter(message_id=message_id), limit=1)
+    return found[0] if found else None
+
+
+def validate_body(app: App, dl: DeadLetter, body: bytes) -> None:
+    """Decode ``body`` as the origin handler of ``dl`` would.
+
+    Raises :class:`qworker.errors.DecodeError` when the handler would refuse it,
+    and :class:`qworker.errors.ConfigurationError` when ``app`` has no handler
+    for the message's origin queue.
+    """
+    route = origin(dl)
+    handler = app.handlers.get(route.queue or "")
+    if handler is None:
+        raise ConfigurationError(
+            f"{app.name} has no handler for {route.queue or dl.queue!r}: cannot validate the body"
+        )
+    handler.decode(body, dl.properties.get("content_type"), dl.properties.get("content_encoding"))
+
+
+@dataclass(slots=True)
+class DlqSummary:
+    """One DLQ at a glance: depth, the oldest failure and the commonest error types.
+
+    ``oldest_failure`` and ``top_errors`` come from the first ``sampled``
+    messages (the oldest, as queues are FIFO). ``exists`` is False for a DLQ
+    the app names but the broker does not have yet.
+    """
+
+    queue: str
+    exists: bool
+    messages: int = 0
+    sampled: int = 0
+    oldest_failure: datetime | None = None
+    top_errors: list[tuple[str, int]] = field(default_factory=list)
+    safety: Safety = Safety.UNVERIFIED
+    delivery_counted: bool = False
+
+
+async def summarize(
+    connection: AbstractConnection, queues: list[str], *, sample: int | None = 1000, top: int = 3
+) -> list[DlqSummary]:
+    """A :class:`DlqSummary` per queue, reading at most ``sample`` messages of each (None: all)."""
+    summaries = []
+    for queue in queues:
+        try:
+            aggregate, report = await stats(connection, queue, limit=sample)
+        except QueueNotFound:
+            summaries.append(DlqSummary(queue, exists=False))
+            continue
+        summaries.append(
+            DlqSummary(
+                queue,
+                exists=True,
+                messages=report.depth,
+                sampled=report.scanned,
+                oldest_failure=aggregate.oldest,
+                top_errors=aggregate.error_types.most_common(top),
+                safety=report.safety,
+                delivery_counted=report.delivery_counted,
+            )
+        )
+    return summaries

@@ -1,0 +1,269 @@
+"""Reading a queue in order while holding every message, so that nothing leaves unless acked.
+
+A :class:`Cursor` consumes with manual acks and never rejects: what it does not
+ack goes back to the queue, in place, when its channel closes (``basic.reject``
+would count as a failed delivery on RabbitMQ 4.3+ quorum queues). A consumer
+only receives ``window`` unacked messages, so to read past them the cursor
+cancels that consumer (its messages stay held by the channel) and starts the
+next one; it does so only when its buffer runs low, which keeps memory flat
+however long the queue is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq import spec
+from aiormq.abc import DeliveredMessage
+
+from qworker.dlq_filters import Filter
+from qworker.dlq_records import DELIVERY_COUNT, DeadLetter, dead_letter, properties_of
+from qworker.errors import QworkerError
+from qworker.topology import dead_letter_queue
+
+#: AMQP's prefetch count is a 16-bit number.
+MAX_WINDOW = 65535
+#: With nothing delivered for this long, the cursor checks whether the queue ran dry.
+IDLE_SECONDS = 1.0
+
+
+class QueueNotFound(QworkerError):
+    """The queue does not exist (the broker answered 404 to a passive declare)."""
+
+
+class Safety(enum.Enum):
+    """Whether reading a DLQ can count against a delivery limit.
+
+    ``CLASSIC`` and ``QUORUM`` are DLQs declared as qworker declares them: a
+    classic queue counts no deliveries, and qworker's quorum DLQs have a
+    delivery limit of a billion. ``UNVERIFIED`` is a queue declared with other
+    arguments: if it is a quorum queue, each read may count as a delivery (on
+    RabbitMQ 4.0 to 4.2, where the default limit is 20, every returned message counts).
+    """
+
+    CLASSIC = "classic"
+    QUORUM = "quorum"
+    UNVERIFIED = "unverified"
+
+
+async def close_quietly(channel: AbstractChannel) -> None:
+    """Close ``channel`` unless it is closed already; a channel lost meanwhile is no error."""
+    if not channel.is_closed:
+        with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+            await channel.close()
+
+
+async def queue_depth(connection: AbstractConnection, name: str) -> int:
+    """Ready messages in ``name``; raises :class:`QueueNotFound` if it does not exist.
+
+    Uses a throwaway channel, because a failed passive declare closes its channel.
+    """
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        declared = await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise QueueNotFound(f"queue {name!r} not found") from None
+    finally:
+        await close_quietly(channel)
+    return int(declared.declaration_result.message_count or 0)
+
+
+async def safety(connection: AbstractConnection, name: str) -> Safety:
+    """Check an existing queue's arguments by re-declaring it as qworker declares DLQs.
+
+    The broker accepts a declaration only when the arguments are equivalent
+    (``x-queue-type`` and ``x-delivery-limit`` included), so acceptance proves
+    the queue's kind. Call it only after :func:`queue_depth` found the queue.
+    """
+    for kind in (Safety.QUORUM, Safety.CLASSIC):
+        arguments = dead_letter_queue(name, kind.value).arguments
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+            return kind
+        except aiormq.exceptions.ChannelClosed:
+            continue
+        finally:
+            await close_quietly(channel)
+    return Safety.UNVERIFIED
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A delivery the cursor holds: ack ``tag`` to remove it; otherwise it goes back."""
+
+    tag: int
+    dead_letter: DeadLetter
+
+
+class Cursor:
+    """Holds the messages of ``queue`` one by one, oldest first, until closed.
+
+    Iterating yields the messages that were ready when the cursor opened (its
+    ``depth``), then stops; :meth:`next` keeps going with messages that arrive
+    later. Use as ``async with Cursor(...) as cursor``.
+    """
+
+    def __init__(self, connection: AbstractConnection, queue: str, *, window: int = 1000) -> None:
+        self.queue = queue
+        self.depth = 0
+        #: Highest ``x-delivery-count`` seen (quorum queues add it to deliveries).
+        self.max_delivery_count: int | None = None
+        self._connection = connection
+        self._window = max(1, min(window, MAX_WINDOW))
+        self._buffer: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+        self._channel: AbstractChannel | None = None
+        self._underlay: aiormq.abc.AbstractChannel | None = None
+        self._tag: str | None = None
+        self._received = 0
+        self._consumers = 0
+        self._seen = 0
+
+    async def __aenter__(self) -> Cursor:
+        self.depth = await queue_depth(self._connection, self.queue)
+        self._channel = await self._connection.channel(publisher_confirms=False)
+        self._underlay = await self._channel.get_underlay_channel()
+        await self._underlay.basic_qos(prefetch_count=self._window)
+        await self._consume()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel: every message not acked goes back to the queue."""
+        if self._channel is not None:
+            await close_quietly(self._channel)
+
+    async def _consume(self) -> None:
+        assert self._underlay is not None
+        # The tag is chosen here, not read from ConsumeOk: deliveries may be
+        # dispatched before the ConsumeOk reply reaches this coroutine.
+        self._consumers += 1
+        self._tag = f"qworker-dlq-{id(self):x}-{self._consumers}"
+        self._received = 0
+        await self._underlay.basic_consume(
+            self.queue, self._on_delivery, no_ack=False, consumer_tag=self._tag
+        )
+
+    async def _on_delivery(self, message: DeliveredMessage) -> None:
+        assert isinstance(message.delivery, spec.Basic.Deliver)
+        if message.delivery.consumer_tag == self._tag:
+            self._received += 1
+        self._buffer.put_nowait(message)
+
+    async def _roll(self) -> None:
+        """Replace a consumer that has used its whole window by a fresh one."""
+        assert self._underlay is not None and self._tag is not None
+        await self._underlay.basic_cancel(self._tag)
+        await self._consume()
+
+    async def next(self, timeout: float) -> Held | None:  # noqa: ASYNC109
+        """The next message, or None if none came within ``timeout`` seconds."""
+        if self._received >= self._window and self._buffer.qsize() <= self._window // 2:
+            await self._roll()
+        try:
+            message = await asyncio.wait_for(self._buffer.get(), timeout)
+        except TimeoutError:
+            return None
+        assert isinstance(message.delivery, spec.Basic.Deliver)
+        tag = message.delivery.delivery_tag
+        assert tag is not None
+        properties = message.header.properties
+        dl = dead_letter(self.queue, message.body, properties_of(properties), properties.headers)
+        count = dl.headers.get(DELIVERY_COUNT)
+        if isinstance(count, int) and count > (self.max_delivery_count or -1):
+            self.max_delivery_count = count
+        return Held(tag, dl)
+
+    async def __aiter__(self) -> AsyncIterator[Held]:
+        """The messages that were ready at open and not yet yielded; stops early if none are left.
+
+        Breaking out and iterating again resumes where the last iteration stopped.
+        """
+        while self._seen < self.depth:
+            held = await self.next(IDLE_SECONDS)
+            if held is None:
+                if await queue_depth(self._connection, self.queue) == 0:
+                    return
+                # Messages are ready but none come: a fresh consumer has fresh credit.
+                await self._roll()
+                continue
+            self._seen += 1
+            yield held
+
+    async def ack(self, tag: int) -> None:
+        """Remove a held message from the queue."""
+        assert self._underlay is not None
+        await self._underlay.basic_ack(tag)
+
+
+@dataclass(slots=True)
+class ScanReport:
+    """What a pass over a DLQ saw: ``depth`` ready at the start, ``scanned``, ``matched``.
+
+    ``delivery_counted`` is true when the queue is not verified (see :class:`Safety`)
+    and its deliveries carry ``x-delivery-count``, i.e. a quorum queue whose
+    delivery limit is unknown: every pass counts one delivery per message read.
+    """
+
+    queue: str
+    depth: int = 0
+    scanned: int = 0
+    matched: int = 0
+    safety: Safety = Safety.UNVERIFIED
+    max_delivery_count: int | None = None
+
+    @property
+    def delivery_counted(self) -> bool:
+        return self.safety is Safety.UNVERIFIED and self.max_delivery_count is not None
+
+
+class Selection:
+    """The messages of a cursor that match a filter, at most ``limit`` of them (None: all)."""
+
+    def __init__(self, cursor: Cursor, chosen: Filter, limit: int | None, kind: Safety) -> None:
+        self.cursor = cursor
+        self.report = ScanReport(cursor.queue, cursor.depth, safety=kind)
+        self._filter = chosen
+        self._limit = limit
+
+    async def __aiter__(self) -> AsyncIterator[Held]:
+        report = self.report
+        async for held in self.cursor:
+            report.scanned += 1
+            report.max_delivery_count = self.cursor.max_delivery_count
+            if not self._filter.matches(held.dead_letter):
+                continue
+            report.matched += 1
+            yield held
+            if self._limit is not None and report.matched >= self._limit:
+                return
+
+
+@contextlib.asynccontextmanager
+async def select(
+    connection: AbstractConnection,
+    queue: str,
+    chosen: Filter,
+    limit: int | None = None,
+    *,
+    window: int = 1000,
+) -> AsyncIterator[Selection]:
+    """Open a cursor on ``queue`` and select from it; everything not acked returns at exit.
+
+    Without a filter only ``limit`` messages are needed, so no more are fetched.
+    """
+    if limit is not None and chosen.empty:
+        window = min(window, limit)
+    async with Cursor(connection, queue, window=window) as cursor:
+        yield Selection(cursor, chosen, limit, await safety(connection, queue))

@@ -1,0 +1,264 @@
+"""Replaying dead letters from a DLQ or an export file, with canaries, and editing one.
+
+Every path acks a dead letter only after its copy is confirmed (see
+:mod:`qworker.dlq_send`); what is not selected, skipped or not confirmed stays
+in the DLQ, returned when the reading channel closes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import aio_pika
+from aio_pika.abc import AbstractConnection
+
+from qworker.dlq_cursor import Cursor, Held, close_quietly, queue_depth, select
+from qworker.dlq_filters import Filter
+from qworker.dlq_records import DeadLetter, same_message
+from qworker.dlq_routing import BadTarget, Router
+from qworker.dlq_send import (
+    DEFAULT_WINDOW,
+    Canary,
+    Event,
+    EventHandler,
+    Outcome,
+    ReplayResult,
+    Sender,
+    build_message,
+)
+from qworker.errors import QworkerError
+from qworker.publish import ConfirmedPublisher
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOptions:
+    """How to replay.
+
+    ``limit``: at most this many selected messages (None: all). ``rate``:
+    messages per second (None: as fast as confirms allow, ``window`` at a
+    time). ``canary``: replay this many first and wait until they are handled:
+    gone from their target queue for ``canary_wait`` seconds without coming
+    back to the DLQ, within ``canary_timeout`` seconds; only then replay the
+    rest. ``to``: a queue to replay into instead of each message's origin.
+    ``dry_run``: decide every target, change nothing.
+    """
+
+    limit: int | None = None
+    rate: float | None = None
+    canary: int = 0
+    canary_timeout: float = 60.0
+    canary_wait: float = 5.0
+    to: str | None = None
+    dry_run: bool = False
+    window: int = DEFAULT_WINDOW
+
+
+async def _offer(
+    held: Held, cursor: Cursor, router: Router, sender: Sender, dry_run: bool
+) -> tuple[aio_pika.Message, str] | None:
+    """Route one selected dead letter and start its replay; the copy and its target, if sent."""
+    dl = held.dead_letter
+    route = await router.route(dl)
+    if route.queue is None:
+        sender.report(Event(dl, Outcome.SKIPPED, None, route.problem))
+        return None
+    if dry_run:
+        sender.report(Event(dl, Outcome.PLANNED, route.queue))
+        return None
+    message = await sender.send(dl, route.queue, partial(cursor.ack, held.tag), None)
+    return None if message is None else (message, route.queue)
+
+
+async def _canaries(
+    connection: AbstractConnection,
+    queue: str,
+    chosen: Filter,
+    options: ReplayOptions,
+    router: Router,
+    sender: Sender,
+    result: ReplayResult,
+) -> int:
+    """Replay the canaries and watch them; returns how many selected messages it used up."""
+    async with select(connection, queue, chosen, options.limit) as selection:
+        watched: dict[str, int] = {}
+        targets: set[str] = set()
+        async for held in selection:
+            if sender.stopped:
+                break
+            sent = await _offer(held, selection.cursor, router, sender, False)
+            if sent is not None:
+                message, target = sent
+                watched[str(message.message_id)] = held.dead_letter.replay_count + 1
+                targets.add(target)
+                if len(watched) >= options.canary:
+                    break
+        await sender.drain()
+        result.delivery_counted |= selection.report.delivery_counted
+        if sender.stopped or not watched:
+            return selection.report.matched
+        # Hold the rest of the DLQ, so that a canary dying again is the next delivery.
+        async for _ in selection.cursor:
+            pass
+        await _watch(connection, selection.cursor, watched, targets, options, result)
+        return selection.report.matched
+
+
+async def _watch(
+    connection: AbstractConnection,
+    cursor: Cursor,
+    watched: dict[str, int],
+    targets: set[str],
+    options: ReplayOptions,
+    result: ReplayResult,
+) -> None:
+    """Wait for the canaries' fate: dead again, handled, or out of time."""
+    now = time.monotonic()
+    deadline = now + options.canary_timeout
+    drained_at: float | None = None
+    next_poll = now
+    while now < deadline:
+        held = await cursor.next(0.1)
+        if held is not None:
+            dl = held.dead_letter
+            if dl.message_id in watched and dl.replay_count >= watched[dl.message_id]:
+                result.canary = Canary.DIED
+                result.dead_canaries.append(dl.message_id)
+                return
+        now = time.monotonic()
+        if now >= next_poll:
+            next_poll = now + 0.25
+            depths = [await queue_depth(connection, target) for target in sorted(targets)]
+            drained_at = None if any(depths) else (drained_at or now)
+        if drained_at is not None and now - drained_at >= options.canary_wait:
+            result.canary = Canary.PASSED
+            return
+    result.canary = Canary.TIMED_OUT
+
+
+async def replay(
+    connection: AbstractConnection,
+    queue: str,
+    *,
+    chosen: Filter | None = None,
+    options: ReplayOptions | None = None,
+    on_event: EventHandler | None = None,
+) -> ReplayResult:
+    """Replay the dead letters of ``queue`` that match ``chosen``; see :class:`ReplayOptions`.
+
+    Messages not selected, skipped or not confirmed stay in the DLQ. Raises
+    :class:`QueueNotFound` for a missing DLQ or ``to`` queue and
+    :class:`BadTarget` for an unacceptable ``to``.
+    """
+    chosen = chosen or Filter()
+    options = options or ReplayOptions()
+    router = Router(connection, options.to)
+    await router.check_to()
+    result = ReplayResult()
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        sender = Sender(
+            ConfirmedPublisher(channel), result, on_event, window=options.window, rate=options.rate
+        )
+        limit = options.limit
+        if options.canary > 0 and not options.dry_run:
+            used = await _canaries(connection, queue, chosen, options, router, sender, result)
+            if sender.stopped or result.canary is not Canary.PASSED:
+                return result
+            if limit is not None:
+                limit -= used
+                if limit <= 0:
+                    return result
+        async with select(connection, queue, chosen, limit) as selection:
+            async for held in selection:
+                if sender.stopped:
+                    break
+                await _offer(held, selection.cursor, router, sender, options.dry_run)
+            await sender.drain()
+            result.delivery_counted |= selection.report.delivery_counted
+    finally:
+        await close_quietly(channel)
+    return result
+
+
+async def replay_records(
+    connection: AbstractConnection,
+    records: Callable[[], Iterable[DeadLetter]],
+    *,
+    chosen: Filter | None = None,
+    options: ReplayOptions | None = None,
+    on_event: EventHandler | None = None,
+) -> ReplayResult:
+    """Publish exported dead letters (``records()`` yields them, each call from the start).
+
+    Every record is read once before anything is published, so a bad record
+    stops the replay with nothing sent. Canaries are not supported here.
+    """
+    chosen = chosen or Filter()
+    options = options or ReplayOptions()
+    router = Router(connection, options.to)
+    await router.check_to()
+    for _ in records():
+        pass
+    result = ReplayResult()
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        sender = Sender(
+            ConfirmedPublisher(channel), result, on_event, window=options.window, rate=options.rate
+        )
+        selected = 0
+        for dl in records():
+            if sender.stopped or (options.limit is not None and selected >= options.limit):
+                break
+            if not chosen.matches(dl):
+                continue
+            selected += 1
+            route = await router.route(dl)
+            if route.queue is None:
+                sender.report(Event(dl, Outcome.SKIPPED, None, route.problem))
+            elif options.dry_run:
+                sender.report(Event(dl, Outcome.PLANNED, route.queue))
+            else:
+                await sender.send(dl, route.queue, _nothing, None)
+        await sender.drain()
+    finally:
+        await close_quietly(channel)
+    return result
+
+
+async def _nothing() -> None:
+    """A file record has no dead letter to ack."""
+
+
+async def replace(
+    connection: AbstractConnection, original: DeadLetter, body: bytes, *, to: str | None = None
+) -> str:
+    """Replay ``original`` with a new ``body``, then remove it from its DLQ; returns the target.
+
+    The DLQ is read again to find that very message (same id, body and failure
+    time): if someone else replayed or purged it meanwhile, nothing is
+    published and :class:`qworker.errors.QworkerError` is raised.
+    """
+    router = Router(connection, to)
+    await router.check_to()
+    route = await router.route(original)
+    if route.queue is None:
+        raise BadTarget(f"cannot replay {original.message_id!r}: {route.problem}")
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        publisher = ConfirmedPublisher(channel)
+        async with select(
+            connection, original.queue, Filter(message_id=original.message_id)
+        ) as sel:
+            async for held in sel:
+                if same_message(held.dead_letter, original):
+                    await publisher.publish(build_message(held.dead_letter, body), route.queue)
+                    await sel.cursor.ack(held.tag)
+                    return route.queue
+    finally:
+        await close_quietly(channel)
+    raise QworkerError(
+        f"message {original.message_id!r} is no longer in {original.queue!r}; nothing was published"
+    )

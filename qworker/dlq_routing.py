@@ -1,0 +1,58 @@
+"""Where a replayed dead letter may go: ``--to``, or its origin queue if that exists.
+
+Headers are producer-controlled, so a target named by a header is only ever an
+existing plain queue (see :func:`qworker.dlq_records.origin`), reached through
+the default exchange; never an exchange, never the DLQ itself.
+"""
+
+from __future__ import annotations
+
+from aio_pika.abc import AbstractConnection
+
+from qworker.dlq_cursor import QueueNotFound, queue_depth
+from qworker.dlq_records import DeadLetter, Route, origin, queue_name_problem
+from qworker.errors import QworkerError
+
+
+class BadTarget(QworkerError):
+    """``--to`` names something that is not a plain queue name, or the DLQ itself."""
+
+
+class Router:
+    """Decides each dead letter's target: ``to`` if given, else its origin, if that queue exists.
+
+    Existence is checked once per queue name with a passive declare.
+    """
+
+    def __init__(self, connection: AbstractConnection, to: str | None = None) -> None:
+        self._connection = connection
+        self._to = to
+        self._exists: dict[str, bool] = {}
+
+    async def check_to(self) -> None:
+        """Refuse a ``to`` that is no plain queue name; raise QueueNotFound if it is missing."""
+        if self._to is not None:
+            problem = queue_name_problem(self._to, None)
+            if problem is not None:
+                raise BadTarget(f"--to: {problem}")
+            await queue_depth(self._connection, self._to)
+
+    async def route(self, dl: DeadLetter) -> Route:
+        """Where ``dl`` goes, or why it cannot go anywhere."""
+        if self._to is not None:
+            problem = queue_name_problem(self._to, dl.queue)
+            return Route(None, problem) if problem else Route(self._to)
+        route = origin(dl)
+        if route.queue is None:
+            return route
+        exists = self._exists.get(route.queue)
+        if exists is None:
+            exists = self._exists[route.queue] = await self._queue_exists(route.queue)
+        return route if exists else Route(None, f"origin queue {route.queue!r} does not exist")
+
+    async def _queue_exists(self, name: str) -> bool:
+        try:
+            await queue_depth(self._connection, name)
+        except QueueNotFound:
+            return False
+        return True
