@@ -186,7 +186,139 @@ def run_smoke(args, env: dict[str, str], info: dict) -> int:
         log(f"FAIL: peers_bench.py wrote no results (rc={rc})")
         return 1
     doc = annotate(out, info, "smoke")
-    return check_qworker_cells(doc, names)
+    rc = check_qworker_cells(doc, names)
+    for queue_type in ("quorum", "classic"):
+        # The harness only counts dead letters; check their content too (SPEC section 4).
+        check = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--context-check", queue_type],
+            env=env, cwd=harness_dir(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        for line in check.stderr.splitlines():
+            log(f"     | {line}")
+        if check.returncode != 0:
+            log(f"FAIL dead-letter context ({queue_type}): rc={check.returncode}")
+            rc = 1
+    return rc
+
+
+# --------------------------------------------------------------------------- context check
+
+CHECK_N = 20
+ISO_FIELDS = ("x-qworker-first-failure-at", "x-qworker-last-failure-at")
+
+
+def dead_letter_problems(msg, queue: str, body: bytes) -> list[str]:
+    """What is missing or wrong in one dead letter of the S3 handler (raises Permanent)."""
+    hdr = dict(msg.headers or {})
+    text = {k: v.decode() if isinstance(v, bytes) else v for k, v in hdr.items()}
+    expected = {
+        "x-qworker-attempt": 1,
+        "x-qworker-error-type": "qworker.errors.Permanent",
+        "x-qworker-error-message": "always fails",
+        "x-qworker-classification": "permanent",
+        "x-qworker-reason": "permanent_error",
+        "x-qworker-queue": queue,
+        "x-qworker-original-exchange": "",
+        "x-qworker-original-routing-key": queue,
+        "x-bench-user": "kept",
+    }
+    bad = [f"{k}={text.get(k)!r}, expected {v!r}" for k, v in expected.items() if text.get(k) != v]
+    for k in ISO_FIELDS:
+        try:
+            at = dt.datetime.fromisoformat(str(text.get(k)))
+            if at.utcoffset() != dt.timedelta(0):
+                bad.append(f"{k}={text.get(k)!r} is not UTC")
+        except ValueError:
+            bad.append(f"{k}={text.get(k)!r} is not ISO 8601")
+    tb = text.get("x-qworker-error-traceback")
+    if not isinstance(tb, str) or "Traceback (most recent call last)" not in tb:
+        bad.append(f"x-qworker-error-traceback missing or not a traceback: {tb!r:.80}")
+    elif "qworker.errors.Permanent: always fails" not in tb or ", in handle" not in tb:
+        bad.append(f"x-qworker-error-traceback lacks the handler frame or the error: {tb!r:.200}")
+    elif len(tb.encode()) > 16 * 1024:
+        bad.append("x-qworker-error-traceback above 16 KiB")
+    handler = str(text.get("x-qworker-handler"))
+    if not handler.endswith(":build_app.<locals>.handle"):
+        bad.append(f"x-qworker-handler={handler!r}")
+    if not re.fullmatch(r".+:\d+", str(text.get("x-qworker-worker"))):
+        bad.append(f"x-qworker-worker={text.get('x-qworker-worker')!r}, expected host:pid")
+    history = hdr.get("x-qworker-history")
+    if not (isinstance(history, list) and len(history) == 1 and isinstance(history[0], dict)):
+        bad.append(f"x-qworker-history={history!r}, expected one entry")
+    elif {"attempt", "at", "error_type", "error_message"} - set(history[0]):
+        bad.append(f"x-qworker-history entry lacks fields: {history[0]!r}")
+    ours = json.dumps({k: v for k, v in text.items() if k.startswith("x-qworker-")}, default=str)
+    if len(ours.encode()) >= 64 * 1024:
+        bad.append("x-qworker-* headers above 64 KiB")
+    if msg.body != body:
+        bad.append("body changed")
+    if msg.correlation_id != "corr-check" or not msg.message_id:
+        bad.append(f"ids lost: message_id={msg.message_id!r} correlation={msg.correlation_id!r}")
+    if int(msg.delivery_mode or 0) != 2 or msg.content_type != "application/json":
+        bad.append(f"properties changed: {msg.delivery_mode!r} {msg.content_type!r}")
+    return bad
+
+
+async def _context_check(queue_type: str) -> int:
+    """S3 with the contender's app: CHECK_N dead letters, each with the full error context."""
+    import aio_pika
+
+    sys.path.insert(0, harness_dir())
+    os.environ["BENCH_CONTENDERS_PATH"] = CONTENDERS
+    from bench_common import Ctx, Reporter, create_counter, encode_payload, make_payload
+    from contenders import _qworker_common as common
+
+    from qworker import Worker
+
+    run_id = uuid.uuid4().hex[:10]
+    queue = f"bench.qworker_check.{queue_type}.{run_id}"
+    with tempfile.TemporaryDirectory() as tmp:
+        counter = os.path.join(tmp, "counter")
+        create_counter(counter)
+        ctx = Ctx(contender="qworker_c", scenario="S3", n=CHECK_N, run_id=run_id, queue=queue,
+                  dlq=f"{queue}.dlq", counter_path=counter, amqp_url=URL)  # fmt: skip
+        app = common.build_app(ctx, queue_type, Reporter(counter))
+        names = [spec.name for spec in app.topology()]
+        payload = make_payload(0, run_id)
+        conn = await aio_pika.connect(URL)
+        try:
+            async with app:
+                await app.declare()
+                for _ in range(CHECK_N):
+                    await app.publish(queue, payload, headers={"x-bench-user": "kept"},
+                                      correlation_id="corr-check")  # fmt: skip
+            worker = Worker(app, concurrency=10, prefetch=10)
+            task = asyncio.create_task(worker.run())
+            ch = await conn.channel()
+            depth, deadline = 0, time.monotonic() + 60
+            while depth < CHECK_N and time.monotonic() < deadline and not task.done():
+                await asyncio.sleep(0.1)
+                q = await ch.declare_queue(ctx.dlq, passive=True)
+                depth = q.declaration_result.message_count
+            worker.stop()
+            await asyncio.wait_for(task, 30)
+            if depth != CHECK_N:
+                print(f"{queue_type}: DLQ holds {depth}, expected {CHECK_N}", file=sys.stderr)
+                return 1
+            dlq = await ch.declare_queue(ctx.dlq, passive=True)
+            problems: set[str] = set()
+            for _ in range(CHECK_N):
+                msg = await dlq.get(no_ack=False, timeout=5)
+                problems.update(dead_letter_problems(msg, queue, encode_payload(payload)))
+                await msg.ack()
+            for p in sorted(problems):
+                print(f"{queue_type}: {p}", file=sys.stderr)
+            if not problems:
+                print(
+                    f"{queue_type}: {CHECK_N} dead letters carry the full context", file=sys.stderr
+                )
+            return 1 if problems else 0
+        finally:
+            ch = await conn.channel()
+            for name in names:
+                with contextlib.suppress(Exception):
+                    await ch.queue_delete(name)
+            await conn.close()
 
 
 def run_scaling(args, env: dict[str, str], info: dict) -> int:
@@ -474,6 +606,7 @@ def main() -> int:
     mode.add_argument("--smoke", action="store_true", help="CI check: N=300, 1 rep, no ceiling")
     mode.add_argument("--scaling", action="store_true", help="S1 at --sizes, 1 rep")
     mode.add_argument("--profile", nargs="+", choices=("S1", "S2", "S3"), metavar="SCENARIO")
+    mode.add_argument("--context-check", choices=("quorum", "classic"), help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help="messages per cell (default per mode)")
     p.add_argument("--reps", type=int, help="full mode: repetitions (default 3)")
     p.add_argument("--contenders", nargs="+", help="override the contender list of the mode")
@@ -484,6 +617,8 @@ def main() -> int:
     p.add_argument("--qworker-ref", help="measure qworker at this git ref (e.g. HEAD)")
     p.add_argument("rest", nargs="*", help="after --: arguments for peers_bench.py")
     args = p.parse_args()
+    if args.context_check:  # a child of --smoke, run with the qworker under test
+        return asyncio.run(_context_check(args.context_check))
     os.makedirs(LOGS, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="qworker-bench.") as tmp:
         env, info = qworker_source(args.qworker_ref, tmp)
