@@ -45,12 +45,13 @@ class Payload(BaseModel):
 
 def build_app(queue: str, queue_type: str, on_done: object = None) -> App:
     app = App(URL, name=f"metrics-overhead-{queue}")
-    state = {"n": 0, "first": 0.0}
+    state = {"n": 0, "first": 0.0, "first_cpu": 0.0}
 
     @app.handler(queue, queue_type=queue_type)  # type: ignore[arg-type]
     async def handle(payload: Payload, ctx: Context) -> None:
         if state["n"] == 0:
             state["first"] = time.perf_counter()
+            state["first_cpu"] = time.process_time()
         state["n"] += 1
         if callable(on_done):
             on_done(state)
@@ -99,6 +100,7 @@ def worker(queue: str, queue_type: str, n: int, metrics: bool) -> None:
     def on_done(state: dict[str, float]) -> None:
         if state["n"] == n:
             result["elapsed"] = time.perf_counter() - state["first"]
+            result["cpu"] = time.process_time() - state["first_cpu"]
             holder["worker"].stop()
 
     app = build_app(queue, queue_type, on_done)
@@ -114,10 +116,12 @@ def worker(queue: str, queue_type: str, n: int, metrics: bool) -> None:
         await w.run()
 
     asyncio.run(serve())
-    sys.__stderr__.write(json.dumps({"msgs_per_s": n / result["elapsed"]}) + "\n")
+    rates = {"msgs_per_s": n / result["elapsed"], "cpu_us": result["cpu"] / n * 1e6}
+    sys.__stderr__.write(json.dumps(rates) + "\n")
 
 
-def measure(n: int, queue_type: str, metrics: bool) -> float:
+def measure(n: int, queue_type: str, metrics: bool) -> tuple[float, float]:
+    """(msg/s, CPU microseconds of the worker process per message)."""
     queue = f"bench.metrics.{uuid.uuid4().hex[:10]}"
     asyncio.run(preload(queue, queue_type, n))
     try:
@@ -126,7 +130,8 @@ def measure(n: int, queue_type: str, metrics: bool) -> float:
              queue_type, *(["--metrics"] if metrics else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600, check=True,
         )  # fmt: skip
-        return float(json.loads(proc.stderr.strip().splitlines()[-1])["msgs_per_s"])
+        result = json.loads(proc.stderr.strip().splitlines()[-1])
+        return float(result["msgs_per_s"]), float(result["cpu_us"])
     finally:
         asyncio.run(delete(queue, queue_type))
 
@@ -161,16 +166,20 @@ def main() -> None:
         worker(args.worker, args.queue_type, args.n, args.metrics)
         return
     rates: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
     for rep in range(1, args.reps + 1):
         for metrics in (False, True):
-            rate = measure(args.n, args.queue_type, metrics)
+            rate, cpu_us = measure(args.n, args.queue_type, metrics)
             rates[metrics].append(rate)
+            cpu[metrics].append(cpu_us)
             label = "with metrics   " if metrics else "without metrics"
-            print(f"rep {rep} {label}: {rate:,.0f} msg/s", flush=True)
+            print(f"rep {rep} {label}: {rate:,.0f} msg/s, {cpu_us:.0f} us CPU/msg", flush=True)
     off, on = statistics.median(rates[False]), statistics.median(rates[True])
+    cpu_off, cpu_on = statistics.median(cpu[False]), statistics.median(cpu[True])
     print(
         f"N={args.n} {args.queue_type}, median of {args.reps}: without {off:,.0f} msg/s, "
-        f"with {on:,.0f} msg/s, ratio with/without {on / off:.3f}"
+        f"with {on:,.0f} msg/s, ratio with/without {on / off:.3f}; worker CPU per message "
+        f"{cpu_off:.0f} us vs {cpu_on:.0f} us (ratio {cpu_on / cpu_off:.3f})"
     )
     us = micro()
     print(

@@ -179,7 +179,7 @@ class Supervisor:
                 slot=slot.index,
                 pid=proc.pid,
                 code=code,
-                signal=signal.Signals(-code).name if code < 0 else None,
+                signal=_signal_name(code),
                 uptime=round(uptime, 3),
                 was_ready=was_ready,
             )
@@ -356,6 +356,16 @@ async def _report(worker: Worker, path: Path, parent: int) -> None:
         else:  # mark readiness as soon as it comes, before a first delivery can crash us
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(worker.ready.wait(), POLL)
+
+
+def _signal_name(code: int) -> str | None:
+    """``SIGKILL`` for a child killed by signal 9 (exit code -9); None for a normal exit."""
+    if code >= 0:
+        return None
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
 
 
 def _mark(path: Path, ready: bool) -> None:
