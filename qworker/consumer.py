@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from qworker import headers as h
 from qworker.breaker import Circuit
 from qworker.classify import Action, Classification, Classifier, Decision, Reason, classify, decide
 from qworker.context import PublishFunc
+from qworker.delivery import Delivery
 from qworker.events import CircuitState, Observer, Outcome, OutcomeKind, severity_of
 from qworker.execution import Run, Runner
 from qworker.flow import Gate, Route
@@ -84,10 +84,9 @@ class Consumer:
 
     async def start(self, channel: AbstractChannel, prefetch: int) -> None:
         """Start consuming the handler's queue on ``channel``."""
-        queue = await channel.get_queue(self.handler.queue, ensure=False)
         self._gate = Gate(
             channel,
-            queue,
+            self.handler.queue,
             prefetch,
             self._circuit,
             self.handler.fallback is not None,
@@ -97,8 +96,8 @@ class Consumer:
 
     # Delivery lifecycle
 
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        """aio-pika's callback: hand the delivery to a task of our own.
+    def on_message(self, message: Delivery) -> None:
+        """Hand the delivery to a task of our own.
 
         aiormq cancels its consumer tasks when the channel closes; our own task
         lets a running handler finish after a connection loss.
@@ -107,7 +106,7 @@ class Consumer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _guarded(self, message: AbstractIncomingMessage) -> None:
+    async def _guarded(self, message: Delivery) -> None:
         async with self._slots:
             if self._stopping:
                 await self._settle(message, requeue=True, event="message.returned_on_stop")
@@ -130,7 +129,7 @@ class Consumer:
             finally:
                 self._count_in_flight(-1)
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+    async def _process(self, message: Delivery) -> None:
         handler = self.handler
         failed_before = h.read_attempt(message.headers)
         try:
@@ -154,7 +153,7 @@ class Consumer:
         if self._observers:
             self._emit_success(message, run)
 
-    async def _fallback(self, message: AbstractIncomingMessage, payload: Any, run: Run) -> bool:
+    async def _fallback(self, message: Delivery, payload: Any, run: Run) -> bool:
         """Serve ``message`` with the fallback; False (nothing settled) if the fallback failed."""
         fallback = self.handler.fallback
         assert fallback is not None
@@ -218,7 +217,7 @@ class Consumer:
             except Exception:
                 self._log.exception("observer.failed", observer=type(observer).__name__)
 
-    def _emit_success(self, message: AbstractIncomingMessage, run: Run) -> None:
+    def _emit_success(self, message: Delivery, run: Run) -> None:
         handler = self.handler
         self._emit(
             Outcome(
@@ -244,9 +243,7 @@ class Consumer:
         )
         return decide(exc, classification, attempt, handler.retry.max_attempts)
 
-    async def _fail(
-        self, message: AbstractIncomingMessage, run: Run, payload: Any = _NO_PAYLOAD
-    ) -> None:
+    async def _fail(self, message: Delivery, run: Run, payload: Any = _NO_PAYLOAD) -> None:
         """Retry or dead-letter ``message`` after ``run`` failed (fallback first, if it applies)."""
         exc = run.error
         assert exc is not None
@@ -344,7 +341,7 @@ class Consumer:
 
     async def _move(
         self,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         target: str,
         new_headers: dict[str, Any],
         expiration_ms: int | None,
@@ -352,26 +349,11 @@ class Consumer:
         prepare: Callable[[], Awaitable[None]] | None,
     ) -> bool:
         """Publish the copy to ``target`` with confirms, then ack; on doubt back off and nack."""
-        copy = aio_pika.Message(
-            message.body,
-            headers=new_headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=message.delivery_mode,
-            priority=message.priority,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            # The original's own TTL is dropped: in a DLQ it would expire the dead letter.
-            expiration=expiration_ms / 1000 if expiration_ms is not None else None,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            app_id=message.app_id,
-        )
+        properties = message.copy_properties(new_headers, expiration_ms)
         try:
             if prepare is not None:
                 await prepare()
-            await self._publisher.publish(copy, target)
+            await self._publisher.publish_body(message.body, properties, target)
         except Exception as exc:  # PublishFailed, or the tier could not be declared
             self._publish_failures += 1
             pause = min(_MAX_BACKOFF, 0.5 * 2 ** (self._publish_failures - 1))
@@ -385,7 +367,7 @@ class Consumer:
         return True
 
     async def _settle(
-        self, message: AbstractIncomingMessage, *, requeue: bool | None = None, event: str | None
+        self, message: Delivery, *, requeue: bool | None = None, event: str | None
     ) -> None:
         """Ack (``requeue`` None) or nack; a lost channel means the broker redelivers it."""
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -11,19 +10,55 @@ import structlog
 PublishFunc = Callable[..., Awaitable[None]]
 
 
-@dataclass(slots=True)
 class Context:
     """The delivery a handler runs for. Take it by annotating a parameter ``ctx: Context``."""
 
-    message_id: str | None
-    correlation_id: str | None
-    attempt: int
-    """1-based: 1 on the first execution, 2 on the first retry, ..."""
-    headers: Mapping[str, Any]
-    queue: str
-    log: structlog.typing.FilteringBoundLogger
-    """A structlog logger bound to this delivery's ids, queue, handler and attempt."""
-    _publish: PublishFunc
+    __slots__ = (
+        "_base_log",
+        "_log",
+        "_publish",
+        "attempt",
+        "correlation_id",
+        "headers",
+        "message_id",
+        "queue",
+    )
+
+    def __init__(
+        self,
+        *,
+        message_id: str | None,
+        correlation_id: str | None,
+        attempt: int,
+        headers: Mapping[str, Any],
+        queue: str,
+        base_log: structlog.typing.FilteringBoundLogger,
+        publish: PublishFunc,
+    ) -> None:
+        self.message_id = message_id
+        self.correlation_id = correlation_id
+        self.attempt = attempt
+        """1-based: 1 on the first execution, 2 on the first retry, ..."""
+        self.headers = headers
+        self.queue = queue
+        self._base_log = base_log
+        self._log: structlog.typing.FilteringBoundLogger | None = None
+        self._publish = publish
+
+    def __repr__(self) -> str:
+        return (
+            f"Context(queue={self.queue!r}, message_id={self.message_id!r}, "
+            f"correlation_id={self.correlation_id!r}, attempt={self.attempt})"
+        )
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        """A structlog logger bound to this delivery's ids, queue, handler and attempt."""
+        if self._log is None:  # bound on first use: most handlers never log
+            self._log = self._base_log.bind(
+                message_id=self.message_id, correlation_id=self.correlation_id, attempt=self.attempt
+            )
+        return self._log
 
     async def publish(
         self,

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
 from qworker import headers as h
 from qworker.context import Context, PublishFunc
+from qworker.delivery import Delivery
 from qworker.errors import HandlerTimeout
 from qworker.handler import Handler, HandlerFunc
 
@@ -49,7 +49,7 @@ class Runner:
         self._publish = publish
         self._log = log
 
-    async def run(self, payload: Any, message: AbstractIncomingMessage, failed_before: int) -> Run:
+    async def run(self, payload: Any, message: Delivery, failed_before: int) -> Run:
         """Run once, or up to 1 + ``immediate`` times while failures are transient."""
         retry = self._handler.retry
         allowed = max(1, min(retry.executions_per_delivery, retry.max_attempts - failed_before))
@@ -68,9 +68,7 @@ class Runner:
             return Run(attempt, exc, time.perf_counter() - started, failures[:-1])
         return Run(failed_before + len(failures) + 1, None, time.perf_counter() - started)
 
-    async def call(
-        self, func: HandlerFunc, payload: Any, message: AbstractIncomingMessage, attempt: int
-    ) -> None:
+    async def call(self, func: HandlerFunc, payload: Any, message: Delivery, attempt: int) -> None:
         """Await ``func`` (the handler or its fallback) within the handler's time limit."""
         handler = self._handler
         args: tuple[Any, ...] = (payload,)
@@ -87,7 +85,7 @@ class Runner:
                 raise HandlerTimeout(f"handler exceeded its {handler.timeout:g}s timeout") from None
             raise
 
-    def context(self, message: AbstractIncomingMessage, attempt: int) -> Context:
+    def context(self, message: Delivery, attempt: int) -> Context:
         """The :class:`Context` a handler sees for ``message``."""
         return Context(
             message_id=message.message_id,
@@ -95,18 +93,14 @@ class Runner:
             attempt=attempt,
             headers=message.headers or {},
             queue=self._handler.queue,
-            log=self._log.bind(
-                message_id=message.message_id,
-                correlation_id=message.correlation_id,
-                attempt=attempt,
-            ),
-            _publish=self._publish,
+            base_log=self._log,
+            publish=self._publish,
         )
 
     async def _with_immediate_retries(
         self,
         payload: Any,
-        message: AbstractIncomingMessage,
+        message: Delivery,
         failed_before: int,
         allowed: int,
         failures: list[h.Failure],

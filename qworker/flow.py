@@ -15,12 +15,14 @@ import time
 from collections.abc import Awaitable, Callable
 from enum import Enum
 
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel
+from aiormq.abc import DeliveredMessage
 
 from qworker.breaker import Circuit
+from qworker.delivery import Delivery
 from qworker.events import CircuitState
 
-OnMessage = Callable[[AbstractIncomingMessage], Awaitable[None]]
+OnMessage = Callable[[Delivery], None]
 
 
 class Route(Enum):
@@ -42,7 +44,7 @@ class Gate:
     def __init__(
         self,
         channel: AbstractChannel,
-        queue: AbstractQueue,
+        queue: str,
         prefetch: int,
         circuit: Circuit | None,
         has_fallback: bool,
@@ -120,13 +122,22 @@ class Gate:
         if self._tag is not None or self._on_message is None or self._stopped:
             return
         await self._channel.set_qos(prefetch_count=1 if probe else self._prefetch)
-        self._tag = await self._queue.consume(self._on_message)
+        on_message = self._on_message
+
+        async def deliver(raw: DeliveredMessage) -> None:
+            on_message(Delivery(raw))
+
+        # Straight on aiormq's channel: aio-pika's message wrapper is not needed.
+        underlay = await self._channel.get_underlay_channel()
+        consume_ok = await underlay.basic_consume(self._queue, deliver)
+        self._tag = consume_ok.consumer_tag
 
     async def _pause(self) -> None:
         tag, self._tag = self._tag, None
         if tag is not None and not self._channel.is_closed:
             with contextlib.suppress(Exception):  # a closed channel has stopped consuming anyway
-                await self._queue.cancel(tag)
+                underlay = await self._channel.get_underlay_channel()
+                await underlay.basic_cancel(tag)
 
     async def _probe_after_cooldown(self) -> None:
         circuit = self._circuit

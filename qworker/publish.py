@@ -42,28 +42,45 @@ class ConfirmedPublisher:
         self, message: aio_pika.Message, routing_key: str, *, exchange: str = ""
     ) -> None:
         """Publish ``message`` (mandatory) and wait for the broker's ack."""
-        if message.message_id is None:
-            message.message_id = uuid.uuid4().hex
-        key = message.message_id
+        await self.publish_body(message.body, message.properties, routing_key, exchange=exchange)
+
+    async def publish_body(
+        self,
+        body: bytes,
+        properties: aiormq.spec.Basic.Properties,
+        routing_key: str,
+        *,
+        exchange: str = "",
+    ) -> None:
+        """Publish ``body`` with ``properties`` (mandatory) and wait for the broker's ack."""
+        if properties.message_id is None:
+            properties.message_id = uuid.uuid4().hex
+        key = properties.message_id
         while (earlier := self._in_flight.get(key)) is not None:
             await asyncio.shield(earlier)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = done
         try:
-            await self._publish(message, routing_key, exchange)
+            await self._publish(body, properties, routing_key, exchange)
         finally:
             del self._in_flight[key]
             done.set_result(None)
 
-    async def _publish(self, message: aio_pika.Message, routing_key: str, exchange: str) -> None:
+    async def _publish(
+        self,
+        body: bytes,
+        properties: aiormq.spec.Basic.Properties,
+        routing_key: str,
+        exchange: str,
+    ) -> None:
         where = f"exchange {exchange!r} routing key {routing_key!r}"
         try:
             underlay = await self.channel.get_underlay_channel()
             result = await underlay.basic_publish(
-                message.body,
+                body,
                 exchange=exchange,
                 routing_key=routing_key,
-                properties=message.properties,
+                properties=properties,
                 mandatory=True,
                 timeout=self._timeout,
             )

@@ -1,0 +1,86 @@
+"""One delivered message, read straight from aiormq.
+
+aio-pika's ``IncomingMessage`` copies every property through its setters,
+which cost about a sixth of a successful delivery; the consumer needs only
+a few attributes and the delivery tag, so this view reads them lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+
+
+class Delivery:
+    """The body, properties and delivery of one message, and how to settle it."""
+
+    __slots__ = (
+        "_channel",
+        "body",
+        "delivery_tag",
+        "exchange",
+        "headers",
+        "properties",
+        "routing_key",
+    )
+
+    def __init__(self, raw: DeliveredMessage) -> None:
+        self.body: bytes = raw.body
+        self.properties: Basic.Properties = raw.header.properties
+        self.headers: dict[str, Any] = self.properties.headers or {}
+        self.delivery_tag: int = raw.delivery_tag or 0
+        self.exchange: str = raw.exchange or ""
+        self.routing_key: str = raw.routing_key or ""
+        self._channel: AbstractChannel = raw.channel
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.message_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.properties.correlation_id
+
+    @property
+    def content_type(self) -> str | None:
+        return self.properties.content_type
+
+    @property
+    def content_encoding(self) -> str | None:
+        return self.properties.content_encoding
+
+    async def ack(self) -> None:
+        """``basic.ack``; acks are not confirmed by AMQP, so the write is not awaited."""
+        await self._channel.basic_ack(self.delivery_tag, wait=False)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        """``basic.nack`` (requeue by default): not a failed delivery on RabbitMQ 4.3+."""
+        await self._channel.basic_nack(self.delivery_tag, requeue=requeue, wait=False)
+
+    def copy_properties(
+        self, headers: dict[str, Any], expiration_ms: int | None
+    ) -> Basic.Properties:
+        """The properties of a copy of this message with new ``headers``.
+
+        The original's own ``expiration`` is dropped (in a DLQ it would silently expire
+        the dead letter) and so is ``user_id`` (the broker refuses a publish whose
+        user_id is not the publisher's user, which would make the move fail forever).
+        """
+        p = self.properties
+        return Basic.Properties(
+            content_type=p.content_type,
+            content_encoding=p.content_encoding,
+            headers=headers,
+            delivery_mode=p.delivery_mode,
+            priority=p.priority,
+            correlation_id=p.correlation_id,
+            reply_to=p.reply_to,
+            expiration=str(expiration_ms) if expiration_ms is not None else None,
+            message_id=p.message_id,
+            timestamp=p.timestamp,
+            message_type=p.message_type,
+            app_id=p.app_id,
+            cluster_id=p.cluster_id,
+        )
