@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,6 +33,8 @@ from qworker.topology import dead_letter_queue
 MAX_WINDOW = 65535
 #: With nothing delivered for this long, the cursor checks whether the queue ran dry.
 IDLE_SECONDS = 1.0
+#: How long closing waits for the broker to make returned messages ready again.
+RETURN_SECONDS = 5.0
 
 
 class QueueNotFound(QworkerError):
@@ -125,6 +128,7 @@ class Cursor:
         self._received = 0
         self._consumers = 0
         self._seen = 0
+        self._acked = 0
 
     async def __aenter__(self) -> Cursor:
         self.depth = await queue_depth(self._connection, self.queue)
@@ -140,9 +144,22 @@ class Cursor:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel: every message not acked goes back to the queue."""
-        if self._channel is not None:
-            await close_quietly(self._channel)
+        """Close the channel: every message not acked goes back to the queue.
+
+        The broker puts them back asynchronously; waiting (up to
+        ``RETURN_SECONDS``) until they are ready again means that the next
+        reader, e.g. the next command of a script, sees the whole queue.
+        """
+        if self._channel is None or self._channel.is_closed:
+            return
+        await close_quietly(self._channel)
+        expected = self.depth - self._acked
+        deadline = time.monotonic() + RETURN_SECONDS
+        with contextlib.suppress(QworkerError, aiormq.exceptions.AMQPError, ConnectionError):
+            while await queue_depth(self._connection, self.queue) < expected:
+                if time.monotonic() > deadline:
+                    return  # someone else is consuming: nothing more to wait for
+                await asyncio.sleep(0.01)
 
     async def _consume(self) -> None:
         assert self._underlay is not None
@@ -205,6 +222,7 @@ class Cursor:
         """Remove a held message from the queue."""
         assert self._underlay is not None
         await self._underlay.basic_ack(tag)
+        self._acked += 1
 
 
 @dataclass(slots=True)

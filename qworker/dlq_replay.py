@@ -155,7 +155,7 @@ async def replay(
     chosen = chosen or Filter()
     options = options or ReplayOptions()
     router = Router(connection, options.to)
-    await router.check_to()
+    await router.check_to(queue)
     result = ReplayResult()
     channel = await connection.channel(publisher_confirms=True)
     try:
@@ -199,7 +199,7 @@ async def replay_records(
     chosen = chosen or Filter()
     options = options or ReplayOptions()
     router = Router(connection, options.to)
-    await router.check_to()
+    await router.check_to(None)
     for _ in records():
         pass
     result = ReplayResult()
@@ -242,7 +242,7 @@ async def replace(
     published and :class:`qworker.errors.QworkerError` is raised.
     """
     router = Router(connection, to)
-    await router.check_to()
+    await router.check_to(None)
     route = await router.route(original)
     if route.queue is None:
         raise BadTarget(f"cannot replay {original.message_id!r}: {route.problem}")

@@ -29,10 +29,10 @@ class Router:
         self._to = to
         self._exists: dict[str, bool] = {}
 
-    async def check_to(self) -> None:
-        """Refuse a ``to`` that is no plain queue name; raise QueueNotFound if it is missing."""
+    async def check_to(self, dlq: str | None) -> None:
+        """Refuse a ``to`` that is no plain queue name or is ``dlq``; QueueNotFound if missing."""
         if self._to is not None:
-            problem = queue_name_problem(self._to, None)
+            problem = queue_name_problem(self._to, dlq)
             if problem is not None:
                 raise BadTarget(f"--to: {problem}")
             await queue_depth(self._connection, self._to)

@@ -1,0 +1,204 @@
+"""Helpers shared by the DLQ tests: dead letters made with qworker's own header writer.
+
+Verification reads (``drain``) are destructive and independent of the DLQ tool,
+so that the tool is never checked with itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractConnection
+from click.testing import CliRunner, Result
+
+from qworker import headers as h
+from qworker.cli import cli
+from qworker.topology import QueueType, declare, queue_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def failure(
+    queue: str,
+    *,
+    error_type: str = "builtins.KeyError",
+    message: str = "customer 42 not found",
+    handler: str = "billing.handlers:charge",
+    reason: str = "permanent_error",
+    at: str | None = None,
+    attempt: int = 3,
+    incoming: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The headers qworker writes on a dead letter of ``queue``."""
+    traceback = (
+        "Traceback (most recent call last):\n"
+        '  File "/srv/billing/handlers.py", line 12, in charge\n'
+        f"    raise {error_type.rsplit('.', 1)[-1]}(...)\n"
+        f"{error_type}: {message}\n"
+    )
+    return h.failure_headers(
+        incoming,
+        error=h.ErrorInfo(error_type, message, traceback),
+        attempt=attempt,
+        classification="permanent",
+        origin=h.Origin(queue, handler, "", queue, "host:1"),
+        reason=reason,
+        at=at,
+    )
+
+
+async def make_dlq(
+    connection: AbstractConnection,
+    queue: str,
+    queue_type: QueueType = "quorum",
+    delivery_limit: int = 10,
+) -> list[str]:
+    """Declare ``queue`` and ``queue.dlq`` as qworker does; returns their names for cleanup."""
+    specs = queue_specs(queue, queue_type, delivery_limit, [])
+    await declare(connection, specs)
+    return [spec.name for spec in specs]
+
+
+@dataclass(frozen=True)
+class Letter:
+    """A message to publish raw into a queue."""
+
+    body: bytes
+    headers: dict[str, Any]
+    message_id: str | None
+    content_type: str | None = "application/json"
+
+
+async def publish(
+    connection: AbstractConnection, queue: str, letters: Sequence[Letter], window: int = 200
+) -> None:
+    """Publish ``letters`` to ``queue`` with confirms, ``window`` outstanding at once."""
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        for start in range(0, len(letters), window):
+            await asyncio.gather(
+                *(
+                    channel.default_exchange.publish(
+                        aio_pika.Message(
+                            letter.body,
+                            headers=letter.headers,
+                            message_id=letter.message_id,
+                            content_type=letter.content_type,
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        ),
+                        queue,
+                    )
+                    for letter in letters[start : start + window]
+                )
+            )
+    finally:
+        await channel.close()
+
+
+def letters(queue: str, count: int, prefix: str = "m", **failure_kw: Any) -> list[Letter]:
+    """``count`` dead letters of ``queue`` with ids ``m0``, ``m1``, ..."""
+    return [
+        Letter(f'{{"n": {i}}}'.encode(), failure(queue, **failure_kw), f"{prefix}{i}")
+        for i in range(count)
+    ]
+
+
+async def depth(connection: AbstractConnection, queue: str) -> int:
+    """Ready messages in ``queue``."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await channel.close()
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A message removed from a queue by :func:`drain`."""
+
+    message_id: str | None
+    body: bytes
+    headers: dict[str, Any]
+
+
+async def drain(connection: AbstractConnection, queue: str) -> list[Taken]:
+    """Remove and return every message of ``queue`` (for final checks)."""
+    channel = await connection.channel()
+    taken: list[Taken] = []
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        while (message := await declared.get(fail=False, no_ack=False)) is not None:
+            taken.append(Taken(message.message_id, message.body, dict(message.headers or {})))
+            await message.ack()
+    finally:
+        await channel.close()
+    return taken
+
+
+async def eventually_depth(
+    connection: AbstractConnection, queue: str, expected: int, timeout: float = 10.0
+) -> None:
+    """Wait until ``queue`` holds ``expected`` ready messages."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (current := await depth(connection, queue)) != expected:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{queue}: {current} messages, expected {expected}")
+        await asyncio.sleep(0.05)
+
+
+def qworker_command(*args: str) -> list[str]:
+    """The ``qworker`` command line run with this interpreter."""
+    return [sys.executable, "-m", "qworker", *args]
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``qworker ARGS`` in a subprocess, as an operator would."""
+    return subprocess.run(
+        qworker_command(*args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(env) if env is not None else None,
+        check=False,
+    )
+
+
+async def broker_dead_letters(
+    connection: AbstractConnection, queue: str, ids: Sequence[str]
+) -> None:
+    """Let RabbitMQ itself dead-letter ``ids`` from ``queue`` (declared with delivery limit 1).
+
+    Each message is returned with ``basic.nack`` until the quorum queue's
+    delivery limit moves it to ``queue.dlq`` with ``x-death`` reason ``delivery_limit``.
+    """
+    await publish(connection, queue, [Letter(b'{"poison": true}', {}, i) for i in ids])
+    dlq = f"{queue}.dlq"
+    target = await depth(connection, dlq) + len(ids)
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        for _ in range(100):
+            if await depth(connection, dlq) >= target:
+                return
+            message = await declared.get(fail=False, no_ack=False)
+            if message is None:
+                await asyncio.sleep(0.05)
+            else:
+                await message.nack(requeue=True)
+    finally:
+        await channel.close()
+    raise AssertionError("the broker did not dead-letter the messages")
+
+
+async def invoke(*args: str, env: Mapping[str, str] | None = None) -> Result:
+    """Run ``qworker ARGS`` in-process (in a thread: the command runs its own event loop)."""
+    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=env)
