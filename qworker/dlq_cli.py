@@ -487,6 +487,13 @@ def replay(
         fail("give either QUEUE or --from-file FILE", EXIT_USAGE)
     if from_file is not None and canary:
         fail("--canary needs a DLQ, not --from-file", EXIT_USAGE)
+    if from_file is not None:
+        # A bad file is reported before connecting, whatever the broker's state.
+        try:
+            for _ in _records(from_file)():
+                pass
+        except lib.BadRecord as exc:
+            fail(str(exc))
     options = lib.ReplayOptions(
         limit=_limit(limit),
         rate=rate,

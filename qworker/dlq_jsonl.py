@@ -151,4 +151,4 @@ def read_records(lines: Iterable[str], name: str) -> Iterator[DeadLetter]:
     """Parse the records of file ``name`` lazily, skipping blank lines."""
     for number, line in enumerate(lines, 1):
         if line.strip():
-            yield parse_line(line, f"{name}:{number}")
+            yield parse_line(line.rstrip("\r\n"), f"{name}:{number}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from click.testing import CliRunner, Result
 
 from qworker import headers as h
@@ -129,15 +129,32 @@ class Taken:
     headers: dict[str, Any]
 
 
-async def drain(connection: AbstractConnection, queue: str) -> list[Taken]:
-    """Remove and return every message of ``queue`` (for final checks)."""
-    channel = await connection.channel()
+async def drain(connection: AbstractConnection, queue: str, settle: bool = False) -> list[Taken]:
+    """Remove and return every message of ``queue`` (for final checks).
+
+    With ``settle``, first wait until the ready count holds still, so that the
+    messages the broker is still returning from a killed client are included.
+    """
+    expected = await depth(connection, queue)
+    while settle:
+        await asyncio.sleep(0.3)
+        settle = expected != (expected := await depth(connection, queue))
     taken: list[Taken] = []
+    if expected == 0:
+        return taken
+    complete = asyncio.Event()
+
+    async def take(message: AbstractIncomingMessage) -> None:
+        taken.append(Taken(message.message_id, message.body, dict(message.headers or {})))
+        if len(taken) >= expected:
+            complete.set()
+
+    channel = await connection.channel()
     try:
         declared = await channel.declare_queue(queue, passive=True)
-        while (message := await declared.get(fail=False, no_ack=False)) is not None:
-            taken.append(Taken(message.message_id, message.body, dict(message.headers or {})))
-            await message.ack()
+        tag = await declared.consume(take, no_ack=True)
+        await asyncio.wait_for(complete.wait(), 30)
+        await declared.cancel(tag)
     finally:
         await channel.close()
     return taken
