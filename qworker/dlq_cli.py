@@ -10,157 +10,30 @@ printed has control characters escaped.
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 from aio_pika.abc import AbstractConnection
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
 
 from qworker import dlq as lib
-from qworker.cli import DEFAULT_URL, EXIT_APP, EXIT_USAGE, fail, load_app, run_async, url_option
-from qworker.connection import connect_once, normalise_urls
+from qworker.cli import EXIT_APP, EXIT_USAGE, fail, load_app, url_option
 from qworker.dlq_cursor import queue_depth
+from qworker.dlq_options import broker, export_file, filter_options, limit_option, with_broker
+from qworker.dlq_terminal import (
+    ReplayReporter,
+    print_dead_letters,
+    print_replay_summary,
+    print_stats,
+    print_summaries,
+    term,
+    warn_delivery_count,
+)
 from qworker.errors import ConfigurationError, DecodeError
-from qworker.redact import escape_control
 
 EXIT_CANARY = 4
-#: Skipped or failed messages listed one by one before the rest are only counted.
-EVENT_LINES = 20
-
-T = TypeVar("T")
-
-
-def term(value: object) -> str:
-    """Any value as terminal-safe text."""
-    return escape_control(str(value))
-
-
-def warn(message: str) -> None:
-    click.echo(f"qworker: warning: {term(message)}", err=True)
-
-
-def broker_urls(url: str | None) -> list[str]:
-    """``--url`` (comma-separated cluster nodes allowed), else the default URL."""
-    try:
-        return normalise_urls((url or DEFAULT_URL).split(","))
-    except ConfigurationError as exc:
-        fail(str(exc), EXIT_USAGE)
-
-
-def with_broker(
-    urls: list[str],
-    work: Callable[[AbstractConnection], Awaitable[T]],
-    ca_file: str | None = None,
-) -> T:
-    """Connect (first URL that answers), run ``work``, close; failures become one line."""
-
-    async def main() -> T:
-        connection = await connect_once(urls, ca_file=ca_file, name="qworker-dlq")
-        try:
-            return await work(connection)
-        except lib.BadTarget as exc:
-            fail(str(exc), EXIT_USAGE)
-        finally:
-            await connection.close()
-
-    return run_async(main())
-
-
-_FILTERS = ("error_type", "reason", "handler", "message_id", "grep", "since", "until")
-
-
-def filter_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the filter options; the command receives them as one ``chosen`` :class:`Filter`."""
-
-    @functools.wraps(func)
-    def command(**kwargs: Any) -> Any:
-        raw = {name: kwargs.pop(name) for name in _FILTERS}
-        try:
-            chosen = lib.Filter.parse(**raw)
-        except lib.FilterError as exc:
-            fail(str(exc), EXIT_USAGE)
-        return func(chosen=chosen, **kwargs)
-
-    options = [
-        click.option("--error-type", help="Exception class, e.g. KeyError or app.errors.Missing."),
-        click.option("--reason", help="permanent_error, retries_exhausted, delivery_limit, ..."),
-        click.option("--handler", help="Handler as module:function, or the function name."),
-        click.option("--message-id", help="Exact message id."),
-        click.option("--grep", help="Text in the body or the error message (case-sensitive)."),
-        click.option("--since", help="Failed at or after: ISO 8601 or a duration ago (2h, 30m)."),
-        click.option("--until", help="Failed at or before: ISO 8601 or a duration ago."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def limit_option(default: int | None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    shown = "all" if default is None else str(default)
-    return click.option(
-        "--limit",
-        type=click.IntRange(min=0),
-        default=default,
-        help=f"At most this many matching messages; 0 for all (default: {shown}).",
-    )
-
-
-def _limit(value: int | None) -> int | None:
-    return value or None
-
-
-def warn_delivery_count(report: lib.ScanReport) -> None:
-    """Say so when reading counted deliveries on a quorum DLQ with an unknown limit."""
-    if report.delivery_counted:
-        warn(
-            f"{report.queue} is a quorum queue not declared by qworker (its delivery limit is "
-            "unknown): each read counts one delivery per message, now up to "
-            f"{report.max_delivery_count}; RabbitMQ 4.0-4.2 drop or dead-letter a message "
-            "after 20 by default (see docs/dlq.md)"
-        )
-
-
-def when(moment: datetime | None) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
-
-
-def age(moment: datetime | None, now: datetime) -> str:
-    """``45s``, ``12m``, ``3h``, ``2d``."""
-    if moment is None:
-        return "-"
-    seconds = max(0, int((now - moment).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-def console() -> Console:
-    """Rich output on stdout; wide and colourless when it is not a terminal."""
-    tty = sys.stdout.isatty()
-    return Console(highlight=False, soft_wrap=False, width=None if tty else 200, no_color=not tty)
-
-
-def table(*columns: str) -> Table:
-    grid = Table(box=None, pad_edge=False, header_style="bold")
-    for column in columns:
-        grid.add_column(column, overflow="fold")
-    return grid
-
-
-def row(grid: Table, *cells: object) -> None:
-    """Add a row of plain text (never interpreted as rich markup), escaped."""
-    grid.add_row(*(Text(term(cell)) for cell in cells))
 
 
 @click.group()
@@ -193,36 +66,14 @@ def ls(app_spec: str | None, queues: Sequence[str], sample: int, url: str | None
     """Every DLQ of APP (or the --queue ones): messages, oldest failure, top error types."""
     if app_spec is None and not queues:
         fail("name an APP (module:attribute) or DLQs with --queue", EXIT_USAGE)
+    app = load_app(app_spec, url) if app_spec is not None else None
     names = list(queues)
-    urls, ca_file = broker_urls(url), None
-    if app_spec is not None:
-        app = load_app(app_spec, url)
+    if app is not None:
         names += [spec.name for spec in app.topology() if spec.role == "dlq"]
-        urls, ca_file = app.urls, app.ssl_ca
-    summaries = with_broker(urls, lambda c: lib.summarize(c, names, sample=sample or None), ca_file)
-    grid = table("DLQ", "MESSAGES", "OLDEST FAILURE", "TOP ERRORS", "NOTE")
-    for summary in summaries:
-        if not summary.exists:
-            row(grid, summary.queue, "-", "-", "-", "not declared")
-            continue
-        errors = ", ".join(f"{name} ({count})" for name, count in summary.top_errors)
-        notes = []
-        if summary.sampled < summary.messages:
-            notes.append(f"first {summary.sampled} read")
-        if summary.safety is lib.Safety.UNVERIFIED:
-            notes.append("arguments not verified")
-        row(
-            grid,
-            summary.queue,
-            summary.messages,
-            when(summary.oldest_failure),
-            errors or "-",
-            "; ".join(notes),
-        )
-    console().print(grid)
-    for summary in summaries:
-        if summary.delivery_counted:
-            warn(f"{summary.queue}: quorum queue with unknown delivery limit (see docs/dlq.md)")
+    summaries = with_broker(
+        broker(url, app), lambda c: lib.summarize(c, names, sample=sample or None)
+    )
+    print_summaries(summaries)
 
 
 @dlq.command()
@@ -233,40 +84,19 @@ def ls(app_spec: str | None, queues: Sequence[str], sample: int, url: str | None
 @url_option
 def show(queue: str, limit: int | None, chosen: lib.Filter, as_json: bool, url: str | None) -> None:
     """List dead letters of QUEUE without removing any: a table, or JSON lines with --json."""
-    if as_json:
-        report = with_broker(
-            broker_urls(url),
-            lambda c: lib.browse(
-                c, queue, lambda dl: click.echo(lib.dumps(dl)), chosen=chosen, limit=_limit(limit)
-            ),
-        )
-        warn_delivery_count(report)
-        return
     found: list[lib.DeadLetter] = []
+
+    def visit(dl: lib.DeadLetter) -> None:
+        if as_json:
+            click.echo(lib.dumps(dl))  # streamed: memory stays flat however many
+        else:
+            found.append(dl)
+
     report = with_broker(
-        broker_urls(url),
-        lambda c: lib.browse(c, queue, found.append, chosen=chosen, limit=_limit(limit)),
+        broker(url), lambda c: lib.browse(c, queue, visit, chosen=chosen, limit=limit)
     )
-    now = datetime.now(UTC)
-    grid = table("ID", "AGE", "REASON", "ERROR TYPE", "HANDLER", "ATT", "MESSAGE", "BODY")
-    for dl in found:
-        row(
-            grid,
-            dl.message_id or "-",
-            age(dl.failed_at, now),
-            dl.reason,
-            dl.error_type or "-",
-            dl.handler or "-",
-            dl.attempt,
-            dl.summary_line()[:120],
-            dl.body[:60].decode("utf-8", "replace"),
-        )
-    out = console()
-    out.print(grid)
-    more = " (--limit 0 shows all)" if limit and report.matched >= limit else ""
-    out.print(
-        Text(term(f"{len(found)} shown of {report.depth} dead letters in {queue}{more}")),
-    )
+    if not as_json:
+        print_dead_letters(found, report, limit)
     warn_delivery_count(report)
 
 
@@ -281,51 +111,9 @@ def stats(
 ) -> None:
     """Group dead letters by reason, error type, handler and message fingerprint."""
     aggregate, report = with_broker(
-        broker_urls(url), lambda c: lib.stats(c, queue, chosen=chosen, limit=_limit(limit))
+        broker(url), lambda c: lib.stats(c, queue, chosen=chosen, limit=limit)
     )
-    groups = aggregate.ranked()
-    if as_json:
-        for group in groups:
-            record = {
-                "count": group.count,
-                "reason": group.key.reason,
-                "error_type": group.key.error_type,
-                "handler": group.key.handler,
-                "fingerprint": group.key.fingerprint,
-                "pattern": group.pattern,
-                "frame": group.frame,
-                "first_seen": group.first_seen.isoformat() if group.first_seen else None,
-                "last_seen": group.last_seen.isoformat() if group.last_seen else None,
-                "sample_message_id": group.sample_message_id,
-            }
-            click.echo(json.dumps(record))
-        warn_delivery_count(report)
-        return
-    out = console()
-    reasons = ", ".join(f"{name} {count}" for name, count in aggregate.reasons.most_common())
-    out.print(
-        Text(
-            term(
-                f"{queue}: {report.matched} of {report.depth} dead letters in "
-                f"{len(groups)} groups" + (f" ({reasons})" if reasons else "")
-            )
-        )
-    )
-    grid = table("COUNT", "REASON", "ERROR TYPE", "HANDLER", "FIRST", "LAST", "SAMPLE ID", "KIND")
-    for group in groups:
-        where = f" @ {group.frame}" if group.frame else ""
-        row(
-            grid,
-            group.count,
-            group.key.reason,
-            group.key.error_type,
-            group.key.handler,
-            when(group.first_seen),
-            when(group.last_seen),
-            group.sample_message_id or "-",
-            f"[{group.key.fingerprint}] {group.pattern}{where}",
-        )
-    out.print(grid)
+    print_stats(aggregate, report, as_json)
     warn_delivery_count(report)
 
 
@@ -335,7 +123,7 @@ def stats(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="File (default: stdout).",
+    help="File (default: stdout). An existing file is never overwritten.",
 )
 @limit_option(None)
 @filter_options
@@ -352,27 +140,24 @@ def export(
     url: str | None,
 ) -> None:
     """Write dead letters of QUEUE as JSON lines (body as text or base64, properties, headers)."""
-    if remove and output is None:
-        fail(
-            "--remove needs -o FILE: records must be on disk before they leave the DLQ", EXIT_USAGE
-        )
     if output is None:
+        if remove:
+            fail(
+                "--remove needs -o FILE: records must be on disk before leaving the DLQ", EXIT_USAGE
+            )
         report = with_broker(
-            broker_urls(url),
-            lambda c: lib.export(c, queue, sys.stdout, chosen=chosen, limit=_limit(limit)),
+            broker(url), lambda c: lib.export(c, queue, sys.stdout, chosen=chosen, limit=limit)
         )
     else:
         try:
-            # Exclusive create: never overwrite an earlier export, it may be the only copy.
+            # Exclusive create: an earlier export may be the only copy of its messages.
             stream = output.open("x", encoding="utf-8")
         except OSError as exc:
             fail(f"cannot create {output}: {exc.strerror or exc}")
         with stream:
             report = with_broker(
-                broker_urls(url),
-                lambda c: lib.export(
-                    c, queue, stream, chosen=chosen, limit=_limit(limit), remove=remove
-                ),
+                broker(url),
+                lambda c: lib.export(c, queue, stream, chosen=chosen, limit=limit, remove=remove),
             )
     where = f" to {output}" if output else ""
     removed = " and removed them from the DLQ" if remove else ""
@@ -382,66 +167,12 @@ def export(
     warn_delivery_count(report)
 
 
-def _records(path: Path) -> Callable[[], Iterator[lib.DeadLetter]]:
-    def read() -> Iterator[lib.DeadLetter]:
-        try:
-            with path.open(encoding="utf-8") as lines:
-                yield from lib.read_records(lines, str(path))
-        except UnicodeDecodeError as exc:
-            raise lib.BadRecord(f"{path}: not UTF-8 text ({exc.reason})") from None
-        except OSError as exc:
-            raise lib.BadRecord(f"cannot read {path}: {exc.strerror or exc}") from None
-
-    return read
-
-
-class _Reporter:
-    """Prints replay events (the first few skips and failures, every dry-run line) and progress."""
-
-    def __init__(self, total: int | None, dry_run: bool) -> None:
-        self._dry_run = dry_run
-        self._noted = 0
-        self._progress: Progress | None = None
-        self._task: Any = None
-        if sys.stderr.isatty() and not dry_run:
-            self._progress = Progress(
-                TextColumn("replaying"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self._task = self._progress.add_task("replay", total=total)
-            self._progress.start()
-
-    def __call__(self, event: lib.Event) -> None:
-        dl = event.dead_letter
-        name = term(dl.message_id or "(no id)")
-        if event.outcome is lib.Outcome.PLANNED:
-            click.echo(f"would replay {name} -> {term(event.target)}")
-        elif event.outcome in (lib.Outcome.SKIPPED, lib.Outcome.FAILED):
-            self._noted += 1
-            if self._noted <= EVENT_LINES:
-                click.echo(f"{event.outcome.value} {name}: {term(event.detail)}", err=True)
-            elif self._noted == EVENT_LINES + 1:
-                click.echo("... (more skipped or failed messages not listed)", err=True)
-        if self._progress is not None:
-            self._progress.advance(self._task)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-
 @dlq.command()
 @click.argument("queue", required=False)
 @filter_options
 @limit_option(None)
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="Messages per second.")
-@click.option(
-    "--canary", type=click.IntRange(min=0), default=0, help="Replay N first and watch them."
-)
+@click.option("--canary", type=click.IntRange(min=0), default=0, help="Replay N first, watch them.")
 @click.option(
     "--canary-timeout",
     type=click.FloatRange(min=0),
@@ -454,8 +185,7 @@ class _Reporter:
     type=click.FloatRange(min=0),
     default=5.0,
     show_default=True,
-    help="Seconds the canaries' queue must stay drained with none dead again "
-    "(longer than the handler's retry delays).",
+    help="Seconds their queue must stay drained with none dead again (> the retry delays).",
 )
 @click.option("--to", help="Replay into this queue instead of each message's origin queue.")
 @click.option("--dry-run", is_flag=True, help="Say what would be replayed; change nothing.")
@@ -485,17 +215,17 @@ def replay(
     """
     if (queue is None) == (from_file is None):
         fail("give either QUEUE or --from-file FILE", EXIT_USAGE)
-    if from_file is not None and canary:
-        fail("--canary needs a DLQ, not --from-file", EXIT_USAGE)
-    if from_file is not None:
-        # A bad file is reported before connecting, whatever the broker's state.
-        try:
-            for _ in _records(from_file)():
+    records = export_file(from_file) if from_file is not None else None
+    if records is not None:
+        if canary:
+            fail("--canary needs a DLQ, not --from-file", EXIT_USAGE)
+        try:  # a bad file is reported before connecting, whatever the broker's state
+            for _ in records():
                 pass
         except lib.BadRecord as exc:
             fail(str(exc))
     options = lib.ReplayOptions(
-        limit=_limit(limit),
+        limit=limit,
         rate=rate,
         canary=canary,
         canary_timeout=canary_timeout,
@@ -508,16 +238,12 @@ def replay(
         total = None
         if queue is not None:
             depth = await queue_depth(connection, queue)
-            total = min(depth, options.limit or depth)
-        reporter = _Reporter(total, dry_run)
+            total = min(depth, limit or depth)
+        reporter = ReplayReporter(total, dry_run)
         try:
-            if from_file is not None:
+            if records is not None:
                 return await lib.replay_records(
-                    connection,
-                    _records(from_file),
-                    chosen=chosen,
-                    options=options,
-                    on_event=reporter,
+                    connection, records, chosen=chosen, options=options, on_event=reporter
                 )
             assert queue is not None
             return await lib.replay(
@@ -526,20 +252,8 @@ def replay(
         finally:
             reporter.close()
 
-    result = with_broker(broker_urls(url), work)
-    source = term(queue or from_file)
-    if dry_run:
-        click.echo(
-            f"dry run: would replay {result.planned}, would skip {result.skipped} "
-            f"(from {source}); nothing changed"
-        )
-    else:
-        click.echo(
-            f"replayed {result.replayed}, skipped {result.skipped}, failed {result.failed} "
-            f"(from {source})"
-        )
-    if result.delivery_counted:
-        warn(f"{queue}: quorum queue with unknown delivery limit; reads counted (see docs/dlq.md)")
+    result = with_broker(broker(url), work)
+    print_replay_summary(result, queue or from_file, dry_run)
     if result.error is not None:
         fail(f"replay stopped: {result.error}")
     if result.canary is lib.Canary.DIED:
@@ -566,7 +280,7 @@ def edit(
     An unchanged body changes nothing; an invalid one is refused (exit 1).
     """
     app = load_app(app_spec, url) if app_spec else None
-    dl = with_broker(broker_urls(url), lambda c: lib.find(c, queue, message_id))
+    dl = with_broker(broker(url, app), lambda c: lib.find(c, queue, message_id))
     if dl is None:
         fail(f"message {message_id!r} not found in {queue!r}")
     try:
@@ -585,7 +299,7 @@ def edit(
             fail(f"edited body refused by the handler: {exc}; nothing was published")
         except ConfigurationError as exc:
             fail(str(exc), EXIT_APP)
-    target = with_broker(broker_urls(url), lambda c: lib.replace(c, dl, edited, to=to))
+    target = with_broker(broker(url, app), lambda c: lib.replace(c, dl, edited, to=to))
     click.echo(f"replayed {term(message_id)} with the edited body to {term(target)}")
 
 
@@ -599,15 +313,13 @@ def purge(queue: str, chosen: lib.Filter, limit: int | None, yes: bool, url: str
     """Delete the matching dead letters of QUEUE (all without filters); the others stay."""
     if not yes:
         aggregate, report = with_broker(
-            broker_urls(url), lambda c: lib.stats(c, queue, chosen=chosen, limit=_limit(limit))
+            broker(url), lambda c: lib.stats(c, queue, chosen=chosen, limit=limit)
         )
         click.echo(term(f"would purge {report.matched} of {report.depth} dead letters in {queue}:"))
         for name, count in aggregate.error_types.most_common(5):
             click.echo(term(f"  {count:>8}  {name}"))
         click.echo("nothing changed; add --yes to purge")
-        return
-    report = with_broker(
-        broker_urls(url), lambda c: lib.purge(c, queue, chosen=chosen, limit=_limit(limit))
-    )
-    click.echo(term(f"purged {report.matched} dead letters from {queue}"))
+    else:
+        report = with_broker(broker(url), lambda c: lib.purge(c, queue, chosen=chosen, limit=limit))
+        click.echo(term(f"purged {report.matched} dead letters from {queue}"))
     warn_delivery_count(report)

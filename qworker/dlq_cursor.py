@@ -188,10 +188,13 @@ class Cursor:
         """The next message, or None if none came within ``timeout`` seconds."""
         if self._received >= self._window and self._buffer.qsize() <= self._window // 2:
             await self._roll()
-        try:
-            message = await asyncio.wait_for(self._buffer.get(), timeout)
-        except TimeoutError:
-            return None
+        if self._buffer.empty():
+            try:
+                message = await asyncio.wait_for(self._buffer.get(), timeout)
+            except TimeoutError:
+                return None
+        else:
+            message = self._buffer.get_nowait()
         assert isinstance(message.delivery, spec.Basic.Deliver)
         tag = message.delivery.delivery_tag
         assert tag is not None

@@ -96,7 +96,7 @@ async def _canaries(
                 if len(watched) >= options.canary:
                     break
         await sender.drain()
-        result.delivery_counted |= selection.report.delivery_counted
+        result.reports.append(selection.report)
         if sender.stopped or not watched:
             return selection.report.matched
         # Hold the rest of the DLQ, so that a canary dying again is the next delivery.
@@ -177,7 +177,7 @@ async def replay(
                     break
                 await _offer(held, selection.cursor, router, sender, options.dry_run)
             await sender.drain()
-            result.delivery_counted |= selection.report.delivery_counted
+            result.reports.append(selection.report)
     finally:
         await close_quietly(channel)
     return result

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import aio_pika
 
+from qworker.dlq_cursor import ScanReport
 from qworker.dlq_records import DeadLetter, replay_properties
 from qworker.errors import PublishFailed
 from qworker.publish import ConfirmedPublisher
@@ -58,8 +59,7 @@ class Canary(enum.Enum):
 class ReplayResult:
     """Counts per outcome, the error that stopped a replay early, and the canaries' fate.
 
-    ``delivery_counted``: the DLQ could not be verified and counted deliveries
-    (see :class:`qworker.dlq_cursor.ScanReport`).
+    ``reports``: what each pass over the DLQ saw (one, or two with canaries).
     """
 
     replayed: int = 0
@@ -69,7 +69,7 @@ class ReplayResult:
     error: str | None = None
     canary: Canary | None = None
     dead_canaries: list[str] = field(default_factory=list)
-    delivery_counted: bool = False
+    reports: list[ScanReport] = field(default_factory=list)
 
     def count(self, event: Event) -> None:
         """Count ``event``."""
