@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Cost of the Prometheus ``Metrics`` observer on the success path.
 
-    python bench/metrics_overhead.py [--n 10000] [--reps 3] [--queue-type quorum]
+    python bench/metrics_overhead.py [--n 10000] [--reps 3] [--queue-type quorum] [--ref REF]
 
 Each run preloads N messages into a fresh queue, then starts one worker process
 (``Worker(concurrency=100, prefetch=100)``, JSON logs to /dev/null, a pydantic
 payload and a ``Context``, as the benchmark contenders do) with or without
 ``Metrics().attach(app)``, and times the first handler call to the N-th success.
 Runs alternate (off, on, off, on, ...); the report is the median msg/s of each and
-their ratio. Needs RabbitMQ on 127.0.0.1:5672 (or BENCH_URL).
+their ratio. ``--ref REF`` measures qworker as committed at REF (``git archive``), not
+the working tree, for when others edit it meanwhile. Needs RabbitMQ on 127.0.0.1:5672
+(or BENCH_URL).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -29,7 +33,7 @@ from pydantic import BaseModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
+sys.path.insert(0, os.environ.get("BENCH_QWORKER_PATH") or REPO)
 
 from qworker import App, Context, Worker  # noqa: E402
 from qworker.logging import configure_logging  # noqa: E402
@@ -120,7 +124,7 @@ def worker(queue: str, queue_type: str, n: int, metrics: bool) -> None:
     sys.__stderr__.write(json.dumps(rates) + "\n")
 
 
-def measure(n: int, queue_type: str, metrics: bool) -> tuple[float, float]:
+def measure(n: int, queue_type: str, metrics: bool, env: dict[str, str]) -> tuple[float, float]:
     """(msg/s, CPU microseconds of the worker process per message)."""
     queue = f"bench.metrics.{uuid.uuid4().hex[:10]}"
     asyncio.run(preload(queue, queue_type, n))
@@ -128,7 +132,8 @@ def measure(n: int, queue_type: str, metrics: bool) -> tuple[float, float]:
         proc = subprocess.run(
             [sys.executable, __file__, "--worker", queue, "--n", str(n), "--queue-type",
              queue_type, *(["--metrics"] if metrics else [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=600, check=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=180, check=True,
+            env=env,
         )  # fmt: skip
         result = json.loads(proc.stderr.strip().splitlines()[-1])
         return float(result["msgs_per_s"]), float(result["cpu_us"])
@@ -159,17 +164,35 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--queue-type", choices=["quorum", "classic"], default="quorum")
+    parser.add_argument("--ref", help="measure qworker as committed at this git ref")
     parser.add_argument("--worker", metavar="QUEUE", help=argparse.SUPPRESS)
     parser.add_argument("--metrics", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.queue_type, args.n, args.metrics)
         return
+    env = dict(os.environ)
+    source = tempfile.mkdtemp(prefix="qworker-ref-") if args.ref else None
+    if source:
+        archive = subprocess.run(
+            ["git", "-C", REPO, "archive", args.ref, "qworker"], check=True, capture_output=True
+        )
+        subprocess.run(["tar", "-x", "-C", source], input=archive.stdout, check=True)
+        env["BENCH_QWORKER_PATH"] = source
+        print(f"qworker at {args.ref}", flush=True)
+    try:
+        run_all(args, env)
+    finally:
+        if source:
+            shutil.rmtree(source, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, env: dict[str, str]) -> None:
     rates: dict[bool, list[float]] = {False: [], True: []}
     cpu: dict[bool, list[float]] = {False: [], True: []}
     for rep in range(1, args.reps + 1):
         for metrics in (False, True):
-            rate, cpu_us = measure(args.n, args.queue_type, metrics)
+            rate, cpu_us = measure(args.n, args.queue_type, metrics, env)
             rates[metrics].append(rate)
             cpu[metrics].append(cpu_us)
             label = "with metrics   " if metrics else "without metrics"

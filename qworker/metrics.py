@@ -35,6 +35,7 @@ try:
         generate_latest,
     )
     from prometheus_client import multiprocess as _multiprocess
+    from prometheus_client import values as _values
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
@@ -129,6 +130,9 @@ class Metrics(Observer):
         self._successes: dict[tuple[str, str], _Success] = {}
         self._failures: dict[_Key, _Failure] = {}
         self._in_flight: dict[str, Gauge] = {}
+        # Live gauges are files in multiprocess mode; in one process, values read at scrape time.
+        self._multiprocess = _values.ValueClass is not _values.MutexValue
+        self._counts: dict[str, int] = {}
         self._circuits: dict[str, Gauge] = {}
 
     def attach(self, app: App, queues: Sequence[str] | None = None) -> Metrics:
@@ -175,10 +179,18 @@ class Metrics(Observer):
             failure.seconds.observe(event.duration)
 
     def in_flight(self, queue: str, count: int) -> None:
-        """Set ``qworker_in_flight{queue}``."""
+        """Set ``qworker_in_flight{queue}`` (in one process: a dict store, read when scraped)."""
+        if queue in self._counts:
+            self._counts[queue] = count
+            return
         gauge = self._in_flight.get(queue)
         if gauge is None:
             gauge = self._in_flight[queue] = self.in_flight_gauge.labels(queue)
+            if not self._multiprocess:
+                counts = self._counts
+                gauge.set_function(lambda: counts[queue])
+                counts[queue] = count
+                return
         gauge.set(count)
 
     def circuit(self, queue: str, handler: str, state: CircuitState) -> None:
