@@ -204,6 +204,12 @@ def run_all(args: argparse.Namespace, env: dict[str, str]) -> None:
         f"with {on:,.0f} msg/s, ratio with/without {on / off:.3f}; worker CPU per message "
         f"{cpu_off:.0f} us vs {cpu_on:.0f} us (ratio {cpu_on / cpu_off:.3f})"
     )
+    best_off, best_on = max(rates[False]), max(rates[True])
+    print(
+        f"best run of each: without {best_off:,.0f} msg/s ({min(cpu[False]):.0f} us CPU/msg), "
+        f"with {best_on:,.0f} msg/s ({min(cpu[True]):.0f} us CPU/msg), "
+        f"ratio with/without {best_on / best_off:.3f}"
+    )
     us = micro()
     print(
         f"observer calls per successful delivery: {us:.2f} us = {us * off / 1e4:.2f}% of the "
