@@ -113,11 +113,13 @@ async def export(
 ) -> ScanReport:
     """Write the matching dead letters to ``out``, one JSON record per line.
 
-    With ``remove``, ``out`` must be a real file: every :data:`EXPORT_BATCH`
-    records (and at the end) it is flushed and fsynced, and only then are
-    those messages acked, so a crash leaves each message in the file, the DLQ
-    or both.
+    With ``remove``, ``out`` must be a real file: its directory is fsynced
+    first, then every :data:`EXPORT_BATCH` records (and at the end) the file is
+    flushed and fsynced, and only then are those messages acked, so a crash
+    leaves each message in the file, the DLQ or both.
     """
+    if remove:
+        _sync_directory(out)
     async with select(connection, queue, chosen or Filter(), limit) as selection:
         written: list[int] = []
         async for held in selection:
@@ -140,6 +142,16 @@ async def _remove_written(
     for tag in tags:
         await ack(tag)
     tags.clear()
+
+
+def _sync_directory(out: TextIO) -> None:
+    """fsync the directory of a new file, so that the file itself survives a power loss."""
+    directory = os.path.dirname(os.path.abspath(out.name))
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 async def purge(

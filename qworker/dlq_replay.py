@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractConnection
 from qworker.dlq_cursor import Cursor, Held, close_quietly, queue_depth, select
 from qworker.dlq_filters import Filter
 from qworker.dlq_records import DeadLetter, same_message
-from qworker.dlq_routing import BadTarget, Router
+from qworker.dlq_routing import Router
 from qworker.dlq_send import (
     DEFAULT_WINDOW,
     Canary,
@@ -68,7 +68,7 @@ async def _offer(
     if dry_run:
         sender.report(Event(dl, Outcome.PLANNED, route.queue))
         return None
-    message = await sender.send(dl, route.queue, partial(cursor.ack, held.tag), None)
+    message = await sender.send(dl, route.queue, partial(cursor.ack, held.tag))
     return None if message is None else (message, route.queue)
 
 
@@ -85,17 +85,20 @@ async def _canaries(
     async with select(connection, queue, chosen, options.limit) as selection:
         watched: dict[str, int] = {}
         targets: set[str] = set()
-        async for held in selection:
-            if sender.stopped:
-                break
-            sent = await _offer(held, selection.cursor, router, sender, False)
-            if sent is not None:
-                message, target = sent
-                watched[str(message.message_id)] = held.dead_letter.replay_count + 1
-                targets.add(target)
-                if len(watched) >= options.canary:
+        try:
+            async for held in selection:
+                if sender.stopped:
                     break
-        await sender.drain()
+                sent = await _offer(held, selection.cursor, router, sender, False)
+                if sent is not None:
+                    message, target = sent
+                    watched[str(message.message_id)] = held.dead_letter.replay_count + 1
+                    targets.add(target)
+                    if len(watched) >= options.canary:
+                        break
+        finally:
+            # Publishes in flight finish (and ack) before the DLQ channel closes.
+            await sender.drain()
         result.reports.append(selection.report)
         if sender.stopped or not watched:
             return selection.report.matched
@@ -149,8 +152,8 @@ async def replay(
     """Replay the dead letters of ``queue`` that match ``chosen``; see :class:`ReplayOptions`.
 
     Messages not selected, skipped or not confirmed stay in the DLQ. Raises
-    :class:`QueueNotFound` for a missing DLQ or ``to`` queue and
-    :class:`BadTarget` for an unacceptable ``to``.
+    :class:`qworker.dlq_cursor.QueueNotFound` for a missing DLQ or ``to`` queue
+    and :class:`qworker.dlq_routing.BadTarget` for an unacceptable ``to``.
     """
     chosen = chosen or Filter()
     options = options or ReplayOptions()
@@ -172,11 +175,13 @@ async def replay(
                 if limit <= 0:
                     return result
         async with select(connection, queue, chosen, limit) as selection:
-            async for held in selection:
-                if sender.stopped:
-                    break
-                await _offer(held, selection.cursor, router, sender, options.dry_run)
-            await sender.drain()
+            try:
+                async for held in selection:
+                    if sender.stopped:
+                        break
+                    await _offer(held, selection.cursor, router, sender, options.dry_run)
+            finally:
+                await sender.drain()
             result.reports.append(selection.report)
     finally:
         await close_quietly(channel)
@@ -221,7 +226,7 @@ async def replay_records(
             elif options.dry_run:
                 sender.report(Event(dl, Outcome.PLANNED, route.queue))
             else:
-                await sender.send(dl, route.queue, _nothing, None)
+                await sender.send(dl, route.queue, _nothing)
         await sender.drain()
     finally:
         await close_quietly(channel)
@@ -245,7 +250,7 @@ async def replace(
     await router.check_to(None)
     route = await router.route(original)
     if route.queue is None:
-        raise BadTarget(f"cannot replay {original.message_id!r}: {route.problem}")
+        raise QworkerError(f"cannot replay {original.message_id!r}: {route.problem}")
     channel = await connection.channel(publisher_confirms=True)
     try:
         publisher = ConfirmedPublisher(channel)

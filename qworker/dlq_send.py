@@ -97,7 +97,7 @@ class Sender:
     """Publishes with confirms, ``window`` at a time, optionally paced to ``rate`` per second.
 
     After each confirm it awaits that message's ``then`` (the ack of the dead
-    letter). The first failure stops it: later :meth:`send` calls return False.
+    letter). The first failure stops it: later :meth:`send` calls return None.
     """
 
     def __init__(
@@ -128,7 +128,7 @@ class Sender:
             self._on_event(event)
 
     async def send(
-        self, dl: DeadLetter, target: str, then: Callable[[], Awaitable[None]], body: bytes | None
+        self, dl: DeadLetter, target: str, then: Callable[[], Awaitable[None]]
     ) -> aio_pika.Message | None:
         """Start publishing the copy of ``dl`` to ``target``; None if the sender has stopped."""
         await self._slots.acquire()
@@ -137,7 +137,7 @@ class Sender:
         if self.stopped:
             self._slots.release()
             return None
-        message = build_message(dl, body)
+        message = build_message(dl)
         task = asyncio.create_task(self._publish(dl, message, target, then))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
