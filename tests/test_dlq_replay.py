@@ -156,6 +156,19 @@ async def test_canary_that_dies_again_stops_the_replay_with_exit_4(
     assert "replayed 2, skipped 0, failed 0" in result.stdout
 
 
+async def test_canaries_nobody_handles_time_out_and_leave_the_rest(
+    queue_name: str, cleanup: list[str], amqp: AbstractConnection
+) -> None:
+    """No worker consumes the canary: after the timeout the replay stops, 4 stay in the DLQ."""
+    cleanup.extend(await make_dlq(amqp, queue_name))
+    await publish(amqp, f"{queue_name}.dlq", letters(queue_name, 5))
+    result = await dlq.replay(
+        amqp, f"{queue_name}.dlq", options=dlq.ReplayOptions(canary=1, canary_timeout=1)
+    )
+    assert (result.canary, result.replayed) == (dlq.Canary.TIMED_OUT, 1)
+    assert (await depth(amqp, queue_name), await depth(amqp, f"{queue_name}.dlq")) == (1, 4)
+
+
 async def test_rate_is_honoured_within_20_percent(
     queue_name: str, cleanup: list[str], amqp: AbstractConnection
 ) -> None:
