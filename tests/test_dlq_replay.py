@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pamqp.encode
 import pytest
 from aio_pika.abc import AbstractConnection
 from pydantic import BaseModel
@@ -215,6 +216,32 @@ async def test_forged_origin_headers_cannot_redirect_a_replay(
     assert [t.message_id for t in await drain(amqp, queue_name)] == ["legit"]
     assert await depth(amqp, victim) == 0
     assert await depth(amqp, f"{queue_name}.dlq") == len(forged)
+
+
+async def test_binary_header_strings_survive_a_replay(
+    queue_name: str,
+    cleanup: list[str],
+    amqp: AbstractConnection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A non-UTF-8 long-string header (decoded as bytes, which pamqp cannot encode) is replayed."""
+    cleanup.extend(await make_dlq(amqp, queue_name))
+    encode = pamqp.encode.encode_table_value
+
+    def long_string(value: Any) -> bytes:
+        # Another client's way of sending binary in a header: an AMQP long string.
+        if isinstance(value, bytes):
+            return b"S" + len(value).to_bytes(4, "big") + value
+        return encode(value)
+
+    monkeypatch.setattr(pamqp.encode, "encode_table_value", long_string)
+    headers = {**failure(queue_name), "blob": b"\xff\xfe\x00"}
+    await publish(amqp, f"{queue_name}.dlq", [Letter(b"{}", headers, "bin")])
+    monkeypatch.undo()
+    result = await dlq.replay(amqp, f"{queue_name}.dlq")
+    assert (result.replayed, result.error) == (1, None)
+    [taken] = await drain(amqp, queue_name)
+    assert bytes(taken.headers["blob"]) == b"\xff\xfe\x00"
 
 
 async def test_dlq_not_named_dlq_follows_only_headers_naming_existing_plain_queues(
