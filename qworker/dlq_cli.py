@@ -19,7 +19,6 @@ import click
 from aio_pika.abc import AbstractConnection
 
 from qworker import dlq as lib
-from qworker.cli import EXIT_APP, EXIT_USAGE, fail, load_app, url_option
 from qworker.dlq_cursor import queue_depth
 from qworker.dlq_options import broker, export_file, filter_options, limit_option, with_broker
 from qworker.dlq_terminal import (
@@ -49,6 +48,11 @@ def dlq() -> None:
     # own log records would add a second, unescaped one.
     for name in ("aio_pika", "aiormq"):
         logging.getLogger(name).addHandler(logging.NullHandler())
+
+
+# qworker.cli adds the group above to ``qworker`` when it loads; importing it only
+# now lets either module be imported first.
+from qworker.cli import EXIT_APP, EXIT_USAGE, fail, load_app, url_option  # noqa: E402
 
 
 @dlq.command("ls")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -292,3 +294,17 @@ def test_bad_record_names_file_and_line(line: str, problem: str) -> None:
         list(read_records(["", line], "dump.jsonl"))
     assert str(caught.value).startswith("dump.jsonl:2: ")
     assert problem in str(caught.value)
+
+
+# Packaging
+
+
+@pytest.mark.parametrize("module", ["qworker.dlq_cli", "qworker.dlq_options", "qworker.dlq"])
+def test_each_dlq_module_can_be_imported_first(module: str) -> None:
+    """qworker.cli and the dlq CLI import each other; any of them may be imported first."""
+    check = f"import {module}; from qworker.cli import cli; print(cli.commands['dlq'].commands)"
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "replay" in done.stdout
