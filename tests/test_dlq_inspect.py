@@ -161,11 +161,11 @@ async def test_broker_dead_letters_show_their_x_death_reason(
     """delivery_limit (quorum work queue) and rejected (classic) read from x-death, in stats."""
     cleanup.extend(await make_dlq(amqp, queue_name, delivery_limit=1))
     await broker_dead_letters(amqp, queue_name, ["p1", "p2"])
+    cleanup.append(f"{queue_name}.classic")
     channel = await amqp.channel()
     rejecting = await channel.declare_queue(
         f"{queue_name}.classic",
         arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{queue_name}.dlq"},
-        auto_delete=True,
     )
     await publish(amqp, rejecting.name, [Letter(b"{}", {}, "r1")])
     message = await rejecting.get()
