@@ -6,11 +6,13 @@ import ssl
 from collections.abc import Sequence
 
 import aio_pika
+import aiormq
+import structlog
 from aio_pika.abc import AbstractConnection
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception_type,
-    stop_after_delay,
     wait_exponential,
     wait_random,
 )
@@ -24,6 +26,8 @@ CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     aio_pika.exceptions.AMQPConnectionError,
+    # e.g. InvalidFrameError when a node refuses the vhost while it starts or loses permissions
+    aiormq.exceptions.AMQPError,
 )
 
 
@@ -71,19 +75,29 @@ async def connect_once(
     raise BrokerUnavailable("cannot connect to RabbitMQ (" + "; ".join(failures) + ")")
 
 
+def _log_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    structlog.get_logger("qworker").warning(
+        "broker.unavailable",
+        error=str(error),
+        attempt=state.attempt_number,
+        retry_in=round(wait, 2),
+    )
+
+
 async def connect(
-    urls: Sequence[str],
-    *,
-    ca_file: str | None = None,
-    name: str = "qworker",
-    give_up_after: float | None = None,
+    urls: Sequence[str], *, ca_file: str | None = None, name: str = "qworker"
 ) -> AbstractConnection:
-    """:func:`connect_once` with backoff (0.5 s to 15 s), forever or for ``give_up_after`` s."""
-    stop = stop_after_delay(give_up_after) if give_up_after is not None else (lambda _: False)
+    """:func:`connect_once` with backoff (0.5 s to 15 s, jittered) until one URL answers.
+
+    Every failed round is logged (``broker.unavailable``, passwords masked); the caller
+    cancels the task to give up.
+    """
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(BrokerUnavailable),
         wait=wait_exponential(multiplier=0.5, max=15) + wait_random(0, 0.5),
-        stop=stop,
+        before_sleep=_log_retry,
         reraise=True,
     ):
         with attempt:

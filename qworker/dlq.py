@@ -131,6 +131,7 @@ async def export(
         out.flush()
         if remove:
             await _remove_written(out, written, selection.cursor.ack)
+            await selection.cursor.flush()
         return selection.report
 
 
@@ -165,6 +166,7 @@ async def purge(
     async with select(connection, queue, chosen or Filter(), limit) as selection:
         async for held in selection:
             await selection.cursor.ack(held.tag)
+        await selection.cursor.flush()
         return selection.report
 
 

@@ -24,6 +24,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
+from qworker.dlq_acks import AckBook
 from qworker.dlq_filters import Filter
 from qworker.dlq_records import DELIVERY_COUNT, DeadLetter, dead_letter, properties_of
 from qworker.errors import QworkerError
@@ -35,6 +36,9 @@ MAX_WINDOW = 65535
 IDLE_SECONDS = 1.0
 #: How long closing waits for the broker to make returned messages ready again.
 RETURN_SECONDS = 5.0
+#: Acks are sent when this many are requested, or this many seconds after the first.
+ACK_BATCH = 64
+ACK_DELAY = 0.02
 
 
 class QueueNotFound(QworkerError):
@@ -129,6 +133,10 @@ class Cursor:
         self._consumers = 0
         self._seen = 0
         self._acked = 0
+        self._acks = AckBook()
+        self._ack_lock = asyncio.Lock()
+        self._ack_error: Exception | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Cursor:
         self.depth = await queue_depth(self._connection, self.queue)
@@ -152,6 +160,10 @@ class Cursor:
         """
         if self._channel is None or self._channel.is_closed:
             return
+        if self._flusher is not None:
+            self._flusher.cancel()
+        with contextlib.suppress(Exception):  # lost acks: those messages come back, duplicated
+            await self.flush()
         await close_quietly(self._channel)
         expected = self.depth - self._acked
         deadline = time.monotonic() + RETURN_SECONDS
@@ -222,10 +234,36 @@ class Cursor:
             yield held
 
     async def ack(self, tag: int) -> None:
-        """Remove a held message from the queue."""
-        assert self._underlay is not None
-        await self._underlay.basic_ack(tag)
+        """Remove a held message from the queue.
+
+        The ack is sent within ``ACK_DELAY`` seconds, together with its
+        neighbours (see :mod:`qworker.dlq_acks`), or by :meth:`flush`.
+        """
+        self._acks.add(tag)
         self._acked += 1
+        if len(self._acks.pending) >= ACK_BATCH:
+            await self.flush()
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(ACK_DELAY)
+        try:
+            await self.flush()
+        except Exception as exc:  # the channel is gone; raised again by the next flush
+            self._ack_error = exc
+
+    async def flush(self) -> None:
+        """Send every requested ack now; raises if an earlier or this send failed."""
+        assert self._underlay is not None
+        if self._ack_error is not None:
+            raise self._ack_error
+        async with self._ack_lock:  # frames of two flushes must not interleave
+            multiple, singles = self._acks.plan()
+            if multiple is not None:
+                await self._underlay.basic_ack(multiple, multiple=True)
+            for tag in singles:
+                await self._underlay.basic_ack(tag)
 
 
 @dataclass(slots=True)

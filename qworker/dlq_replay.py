@@ -99,6 +99,7 @@ async def _canaries(
         finally:
             # Publishes in flight finish (and ack) before the DLQ channel closes.
             await sender.drain()
+        await _flush(selection.cursor, result)
         result.reports.append(selection.report)
         if sender.stopped or not watched:
             return selection.report.matched
@@ -107,6 +108,17 @@ async def _canaries(
             pass
         await _watch(connection, selection.cursor, watched, targets, options, result)
         return selection.report.matched
+
+
+async def _flush(cursor: Cursor, result: ReplayResult) -> None:
+    """Send the acks of the replayed messages; if that fails, say that they are duplicated."""
+    try:
+        await cursor.flush()
+    except Exception as exc:
+        result.error = result.error or (
+            f"replayed messages could not be removed from the DLQ ({exc!r}); "
+            "they are there again as duplicates"
+        )
 
 
 async def _watch(
@@ -182,6 +194,7 @@ async def replay(
                     await _offer(held, selection.cursor, router, sender, options.dry_run)
             finally:
                 await sender.drain()
+            await _flush(selection.cursor, result)
             result.reports.append(selection.report)
     finally:
         await close_quietly(channel)
@@ -261,6 +274,7 @@ async def replace(
                 if same_message(held.dead_letter, original):
                     await publisher.publish(build_message(held.dead_letter, body), route.queue)
                     await sel.cursor.ack(held.tag)
+                    await sel.cursor.flush()
                     return route.queue
     finally:
         await close_quietly(channel)

@@ -8,10 +8,12 @@ grow a message without bound nor survive into a dead letter as if it were ours.
 
 from __future__ import annotations
 
+import linecache
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import FrameType
 from typing import Any
 
 from qworker.redact import redact
@@ -127,21 +129,22 @@ def format_traceback(exc: BaseException) -> str:
 def _format_one(exc: BaseException) -> list[str]:
     lines: list[str] = []
     if exc.__traceback__ is not None:
-        frames = traceback.StackSummary.extract(
-            traceback.walk_tb(exc.__traceback__), lookup_lines=False
-        )
+        # Read frames directly: StackSummary.extract stats every source file (checkcache).
+        frames = list(traceback.walk_tb(exc.__traceback__))
         head, tail = _FRAMES_KEPT
         omitted = len(frames) - head - tail
-        shown: list[traceback.FrameSummary | None] = list(frames)
+        shown: list[tuple[FrameType, int] | None] = list(frames)
         if omitted > 0:
             shown = [*frames[:head], None, *frames[-tail:]]
         lines.append("Traceback (most recent call last):\n")
-        for frame in shown:
-            if frame is None:
+        for entry in shown:
+            if entry is None:
                 lines.append(f"  ... {omitted} frames omitted ...\n")
                 continue
-            lines.append(f'  File "{frame.filename}", line {frame.lineno}, in {frame.name}\n')
-            source = (frame.line or "").strip()
+            frame, lineno = entry
+            code = frame.f_code
+            lines.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}\n')
+            source = linecache.getline(code.co_filename, lineno, frame.f_globals).strip()
             if source:
                 lines.append(f"    {source}\n")
     try:

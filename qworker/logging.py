@@ -18,12 +18,19 @@ from qworker.redact import redact
 LogFormat = Literal["json", "console"]
 
 
+# Values qworker writes itself that cannot hold a secret, or that were redacted already
+# (error messages pass through redaction when they are captured).
+_ALREADY_SAFE = frozenset(
+    {"event", "level", "timestamp", "classification", "reason", "error_type", "error_message"}
+)
+
+
 def redact_values(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """A structlog processor that masks secrets in every string value."""
     for key, value in event_dict.items():
-        if isinstance(value, str):
+        if isinstance(value, str) and key not in _ALREADY_SAFE:
             event_dict[key] = redact(value)
     return event_dict
 
@@ -37,6 +44,10 @@ def configure_logging(log_format: LogFormat | None = None, level: str = "INFO") 
         if log_format == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
+    # aio-pika and aiormq log connection losses with tracebacks on the stdlib root logger;
+    # the worker reports them itself (worker.connection_lost), once and without a traceback.
+    for name in ("aiormq", "aio_pika"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -112,6 +112,9 @@ class Worker:
                     self._log.warning("worker.subscribe_failed", error=mask_url(repr(exc)))
                     await _close_quietly(connection)
                     continue
+                except BaseException:  # e.g. a topology conflict: fatal, but close cleanly
+                    await _close_quietly(connection)
+                    raise
                 self._connection = connection
                 self.connections += 1
                 self.ready.set()
