@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -392,8 +393,13 @@ async def _delete(queues: list[str]) -> None:
         await conn.close()
 
 
-def profile_one(args, env: dict[str, str], info: dict, name: str, scenario: str) -> dict:
-    """Preload N, run the worker under `py-spy record --format raw`, stop it when done."""
+def profile_one(
+    args, env: dict[str, str], info: dict, name: str, scenario: str, spy: bool = True
+) -> dict:
+    """Preload N, run the worker (under `py-spy record --format raw` when ``spy``) until the
+    scenario's end, and measure the worker's CPU time from its first handler call to the end."""
+    import psutil
+
     harness = harness_dir()
     sys.path.insert(0, harness)
     os.environ["BENCH_CONTENDERS_PATH"] = CONTENDERS
@@ -416,13 +422,13 @@ def profile_one(args, env: dict[str, str], info: dict, name: str, scenario: str)
         counter_path=counter,
         amqp_url=URL,
         deadline=time.time() + 900,
-        parent_pid=0,  # py-spy is the worker's parent
+        parent_pid=0,  # py-spy may be the worker's parent
     )
     names = mod.queues(ctx)
     cenv = dict(env, **{CTX_ENV: ctx.to_env(), "PYTHONUNBUFFERED": "1"})
     child = os.path.join(harness, "bench_child.py")
     raw = os.path.join(work, f"{name}-{scenario}.raw")
-    result: dict = {"contender": name, "scenario": scenario, "n": ctx.n}
+    result: dict = {"contender": name, "scenario": scenario, "n": ctx.n, "stacks": ""}
     try:
         subprocess.run(
             [sys.executable, child, name, "publish"], env=cenv, cwd=harness, check=True,
@@ -432,16 +438,21 @@ def profile_one(args, env: dict[str, str], info: dict, name: str, scenario: str)
         while asyncio.run(_depth(ctx.queue)) != ctx.n and time.monotonic() < deadline:
             time.sleep(0.2)
         wlog = open(os.path.join(work, "worker.log"), "wb")  # noqa: SIM115 -- closed below
-        spy = subprocess.Popen(
-            ["py-spy", "record", "--format", "raw", "--rate", str(args.rate),
-             "-o", raw, "--", sys.executable, child, name, "worker"],
-            env=cenv, cwd=harness, stdout=wlog, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        cmd = [sys.executable, child, name, "worker"]
+        if spy:
+            cmd = ["py-spy", "record", "--format", "raw", "--rate", str(args.rate), "-o", raw,
+                   "--", *cmd]  # fmt: skip
+        proc = subprocess.Popen(cmd, env=cenv, cwd=harness, stdout=wlog, stderr=subprocess.STDOUT)
         reader = CounterReader(counter)
-        t_end = None
+        t_end = worker = cpu0 = None
         limit = time.monotonic() + 600
-        while time.monotonic() < limit and spy.poll() is None:
+        while time.monotonic() < limit and proc.poll() is None:
             c = reader.read()
+            if worker is None:
+                kids = psutil.Process(proc.pid).children() if spy else [psutil.Process(proc.pid)]
+                worker = kids[0] if kids else None
+            if cpu0 is None and c["calls"] and worker is not None:
+                cpu0 = sum(worker.cpu_times()[:2])  # user + system at the first handler call
             if scenario == "S3":
                 if c["calls"] >= ctx.n and (asyncio.run(_depth(names["dead"])) or 0) >= ctx.n:
                     t_end = time.monotonic()
@@ -451,23 +462,78 @@ def profile_one(args, env: dict[str, str], info: dict, name: str, scenario: str)
                 break
             time.sleep(0.02)
         c = reader.read()
+        if worker is not None and cpu0 is not None:
+            result["cpu_us_per_msg"] = (sum(worker.cpu_times()[:2]) - cpu0) * 1e6 / ctx.n
+            result["rss_mib"] = worker.memory_info().rss / 2**20
         if t_end and c["t_first"]:
-            result["msgs_per_s_under_profiler"] = ctx.n / (t_end - c["t_first"])
+            result["msgs_per_s"] = ctx.n / (t_end - c["t_first"])
         result.update(calls=c["calls"], done=c["done"])
-        import psutil
-
-        for p in psutil.Process(spy.pid).children():
-            p.send_signal(signal.SIGTERM)  # the worker: graceful stop, then py-spy writes
-        spy.wait(timeout=60)
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)  # graceful stop; then py-spy writes its output
+        proc.wait(timeout=60)
         wlog.close()
         with open(os.path.join(work, "worker.log"), "rb") as f:
             result["worker_log_bytes"] = len(f.read())
-        with open(raw) as f:
-            result["stacks"] = f.read()
+        if spy:
+            with open(raw) as f:
+                result["stacks"] = f.read()
     finally:
         asyncio.run(_delete(names["delete"]))
         result["workdir"] = work
     return result
+
+
+def run_cpu(args, env: dict[str, str], info: dict) -> int:
+    """Worker CPU time per message (user+system, first handler call to the end), no profiler.
+
+    Less sensitive than msgs/s to other load on the machine: a ratio of CPU per message is
+    what throughput ratios converge to when the worker is the bottleneck."""
+    names = args.contenders or [BASELINE, *QWORKER]
+    reps = args.prof_reps
+    rows: dict[tuple[str, str], list[dict]] = collections.defaultdict(list)
+    for rep in range(reps):
+        for scenario in args.cpu:
+            for name in names:
+                r = profile_one(args, env, info, name, scenario, spy=False)
+                shutil.rmtree(r["workdir"], ignore_errors=True)
+                ok = r["done"] == (0 if scenario == "S3" else r["n"]) and bool(r.get("msgs_per_s"))
+                cpu, rate = fmt(r.get("cpu_us_per_msg"), "6.0f"), fmt(r.get("msgs_per_s"), ",.0f")
+                log(
+                    f"rep {rep + 1} {scenario} {name:18s} {cpu} us/msg {rate} msg/s "
+                    f"{ok or 'FAILED'}"
+                )
+                if ok:
+                    rows[(scenario, name)].append(r)
+    med = statistics.median
+    lines = [
+        f"Worker CPU (user+system) per message, first handler call to the end, N={args.n or 10000},"
+        f" median of {reps} (bench/run.py --cpu); qworker: {info.get('commit') or info['source']}",
+        "",
+        "| scenario | contender | CPU us/msg | raw CPU / this CPU | msgs/s | RSS MiB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for scenario in args.cpu:
+        base = rows.get((scenario, BASELINE))
+        base_cpu = med([r["cpu_us_per_msg"] for r in base]) if base else None
+        for name in names:
+            rs = rows.get((scenario, name))
+            if not rs:
+                lines.append(f"| {scenario} | {name} | failed | | | |")
+                continue
+            cpu = med([r["cpu_us_per_msg"] for r in rs])
+            ratio = base_cpu / cpu if base_cpu else None
+            rate, rss = med([r["msgs_per_s"] for r in rs]), med([r["rss_mib"] for r in rs])
+            lines.append(
+                f"| {scenario} | {name} | {cpu:,.0f} | {fmt(ratio, '.2f')} | {rate:,.0f} | "
+                f"{rss:.1f} |"
+            )
+    md = "\n".join(lines) + "\n"
+    # Only the default comparison goes to results/; partial runs to the git-ignored logs/.
+    where = LOGS if args.contenders else RESULTS
+    with open(os.path.join(where, f"cpu-{dt.date.today().isoformat()}.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
 
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>.*?)(?::(?P<line>\d+))?\)$")
@@ -500,6 +566,43 @@ def category(file: str) -> str:
     return "other stdlib / python"
 
 
+# Buckets for "where does a message's time go": first match (top to bottom) wins.
+BUCKETS = (
+    ("traceback.format_exception (ErrorInfo.from_exception)", ("format_exception",)),
+    ("redact() of error message + traceback (ErrorInfo.from_exception)",
+     ("ErrorInfo.from_exception", "redact")),
+    ("ErrorInfo.from_exception, rest", ("ErrorInfo.from_exception",)),
+    ("log line: redact_values processor", ("redact_values",)),
+    ("log line: structlog bind/render/write", ("@structlog",)),
+    ("failure_headers / _fit", ("failure_headers",)),
+    ("aio_pika.Message() for the copy (Consumer._move)", ("Consumer._move", "Message.__init__")),
+    ("publish the copy (ConfirmedPublisher -> aiormq/pamqp)", ("ConfirmedPublisher.publish",)),
+    ("ack/nack call", ("IncomingMessage.ack",)),
+    ("aiormq writer task (frames to the socket)", ("Connection.__writer",)),
+    ("aiormq reader task (deliveries, confirms: pamqp unmarshal)", ("Connection.__reader",)),
+    ("aio-pika on_message -> IncomingMessage", ("consumer (aio_pika/queue.py)",)),
+    ("handler call + payload decode (pydantic)", ("Consumer._run",)),
+    ("payload decode", ("decode_json",)),
+    ("qworker, other", ("@qworker",)),
+    ("event loop and everything else", ()),
+)  # fmt: skip
+
+
+def bucket_of(frames: list[tuple[str, str, str]]) -> str:
+    names = {f"{func} ({file})" for func, file, _ in frames} | {func for func, _, _ in frames}
+    files = {file.split("/", 1)[0] for _, file, _ in frames}
+    for label, needles in BUCKETS:
+        ok = True
+        for needle in needles:
+            if needle.startswith("@"):
+                ok = ok and needle[1:] in files
+            else:
+                ok = ok and any(needle in n for n in names)
+        if ok:
+            return label
+    return BUCKETS[-1][0]
+
+
 def analyse(result: dict, rate: int) -> str:
     stacks: list[tuple[list[tuple[str, str, str]], int]] = []
     for line in result["stacks"].splitlines():
@@ -525,7 +628,9 @@ def analyse(result: dict, rate: int) -> str:
     incl_fn: collections.Counter[str] = collections.Counter()
     incl_line: collections.Counter[str] = collections.Counter()
     cats: collections.Counter[str] = collections.Counter()
+    buckets: collections.Counter[str] = collections.Counter()
     for frames, n in stacks:
+        buckets[bucket_of(frames)] += n
         leaf = frames[-1]
         self_fn[f"{leaf[0]} ({leaf[1]})"] += n
         cats[category(leaf[1])] += n
@@ -554,6 +659,9 @@ def analyse(result: dict, rate: int) -> str:
         f"# = ~{cpu_ms:,.0f} ms busy = ~{cpu_ms * 1000 / n_msgs:.0f} us per message under the "
         "profiler (sampling pauses inflate this; compare percentages)",
         "",
+        "## where the time goes (samples by the first matching bucket)",
+        *(f"{100 * n / total:6.1f}%  {label}" for label, n in buckets.most_common()),
+        "",
         "## self time by category (leaf frame)",
     ]
     for cat, n in cats.most_common():
@@ -580,7 +688,10 @@ def run_profile(args, env: dict[str, str], info: dict) -> int:
             log(f"profiling {name} {scenario} N={args.n or 10000} ...")
             runs = [profile_one(args, env, info, name, scenario) for _ in range(args.prof_reps)]
             res = dict(runs[0], reps=len(runs), stacks="\n".join(r["stacks"] for r in runs))
-            rates = [r.get("msgs_per_s_under_profiler") or 0 for r in runs]
+            if args.keep_raw:
+                with open(os.path.join(LOGS, f"{name}-{scenario}.raw"), "w") as f:
+                    f.write(res["stacks"])
+            rates = [r.get("msgs_per_s") or 0 for r in runs]
             res["msgs_per_s_under_profiler"] = min(rates)
             for r in runs[1:]:
                 shutil.rmtree(r["workdir"], ignore_errors=True)
@@ -589,9 +700,6 @@ def run_profile(args, env: dict[str, str], info: dict) -> int:
             path = os.path.join(PROFILES, f"{name}-{scenario}.txt")
             with open(path, "w") as f:
                 f.write(text)
-            if args.keep_raw:
-                with open(os.path.join(LOGS, f"{name}-{scenario}.raw"), "w") as f:
-                    f.write(res["stacks"])
             shutil.rmtree(res["workdir"], ignore_errors=True)
             log(f"  {path}: {res.get('done')} done, {res.get('calls')} calls")
     return 0
@@ -606,6 +714,8 @@ def main() -> int:
     mode.add_argument("--smoke", action="store_true", help="CI check: N=300, 1 rep, no ceiling")
     mode.add_argument("--scaling", action="store_true", help="S1 at --sizes, 1 rep")
     mode.add_argument("--profile", nargs="+", choices=("S1", "S2", "S3"), metavar="SCENARIO")
+    mode.add_argument("--cpu", nargs="+", choices=("S1", "S2", "S3"), metavar="SCENARIO",
+                      help="worker CPU per message, raw vs qworker, no profiler")  # fmt: skip
     mode.add_argument("--context-check", choices=("quorum", "classic"), help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help="messages per cell (default per mode)")
     p.add_argument("--reps", type=int, help="full mode: repetitions (default 3)")
@@ -629,6 +739,8 @@ def main() -> int:
             return run_scaling(args, env, info)
         if args.profile:
             return run_profile(args, env, info)
+        if args.cpu:
+            return run_cpu(args, env, info)
         return run_full(args, env, info)
 
 
