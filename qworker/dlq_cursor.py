@@ -160,9 +160,9 @@ class Cursor:
         """
         if self._channel is None or self._channel.is_closed:
             return
-        if self._flusher is not None:
-            self._flusher.cancel()
         with contextlib.suppress(Exception):  # lost acks: those messages come back, duplicated
+            if self._flusher is not None:
+                await self._flusher  # at most ACK_DELAY; cancelling it could drop its frames
             await self.flush()
         await close_quietly(self._channel)
         expected = self.depth - self._acked
