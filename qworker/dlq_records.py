@@ -213,26 +213,11 @@ def replay_properties(dl: DeadLetter, body: bytes | None = None) -> tuple[bytes,
     queue's ``x-delivery-count``. A message without a delivery mode is sent
     persistent. Binary header strings are sent as byte arrays (same octets).
     """
-    incoming = {k: _encodable(v) for k, v in dl.headers.items() if k != DELIVERY_COUNT}
+    incoming = {k: v for k, v in dl.headers.items() if k != DELIVERY_COUNT}
     properties = {k: v for k, v in dl.properties.items() if k not in ("expiration", "user_id")}
     properties.setdefault("delivery_mode", 2)
     properties["headers"] = h.replay_headers(incoming)
     return (dl.body if body is None else body), properties
-
-
-def _encodable(value: Any) -> Any:
-    """``value`` as the AMQP encoder accepts it: binary strings become byte arrays.
-
-    pamqp decodes a header string that is not UTF-8 to ``bytes`` but cannot
-    encode ``bytes``; as a byte array the same octets can be published again.
-    """
-    if isinstance(value, bytes):
-        return bytearray(value)
-    if isinstance(value, Mapping):
-        return {k: _encodable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_encodable(v) for v in value]
-    return value
 
 
 def same_message(a: DeadLetter, b: DeadLetter) -> bool:

@@ -60,6 +60,7 @@ NAME_LIMIT = 255
 TOTAL_LIMIT = 64 * 1024
 #: Forged attempt counts are clamped to this; far above any sane max_attempts.
 ATTEMPT_LIMIT = 1_000_000
+_MAX_DEPTH = 32
 _TRUNCATED = "...[truncated]"
 
 
@@ -256,8 +257,32 @@ def read_history(headers: Mapping[str, Any] | None) -> list[Failure]:
 
 
 def foreign_removed(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``headers`` without any ``x-qworker-*`` key (user headers kept as they were)."""
-    return {k: v for k, v in (headers or {}).items() if not k.startswith(PREFIX)}
+    """A copy of ``headers`` without any ``x-qworker-*`` key (user headers kept as they were).
+
+    Values are made encodable again: pamqp decodes a non-UTF-8 header string to
+    ``bytes`` but cannot encode ``bytes``, which would make every copy of such a
+    message unpublishable; they are sent back as byte arrays.
+    """
+    return {k: _encodable(v) for k, v in (headers or {}).items() if not k.startswith(PREFIX)}
+
+
+def _encodable(value: Any, depth: int = 0) -> Any:
+    """``value`` with ``bytes`` turned into ``bytearray``; unchanged values keep their identity.
+
+    Nesting deeper than the wire format produces in practice is left alone.
+    """
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if depth > _MAX_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        converted = {k: _encodable(v, depth + 1) for k, v in value.items()}
+        changed = any(converted[k] is not v for k, v in value.items())
+        return converted if changed else value
+    if isinstance(value, list | tuple):
+        items = [_encodable(v, depth + 1) for v in value]
+        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+    return value
 
 
 @dataclass(frozen=True, slots=True)

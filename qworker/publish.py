@@ -90,6 +90,8 @@ class ConfirmedPublisher:
             raise PublishFailed(f"broker refused the message ({where}): {exc!r}") from None
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishFailed(f"channel lost while publishing to {where}: {exc!r}") from None
+        except (TypeError, ValueError) as exc:  # pamqp could not encode a property or header
+            raise PublishFailed(f"cannot encode the message for {where}: {exc}") from None
         if isinstance(result, DeliveredMessage):
             raise PublishFailed(f"unroutable: no queue for {where}")
         if not isinstance(result, aiormq.spec.Basic.Ack):

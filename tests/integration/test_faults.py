@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import aio_pika
+import pamqp.encode
 import pytest
 
 from qworker import App, Context, Permanent, RetryPolicy
@@ -253,3 +254,39 @@ async def test_forged_qworker_headers_never_crash_the_worker(
     ours = {k: v for k, v in dead.headers.items() if k.startswith(h.PREFIX)}
     assert sum(len(k) + h.encoded_size(v) for k, v in ours.items()) < h.TOTAL_LIMIT
     assert await depth(amqp, queue_name) == 0
+
+
+async def test_binary_header_strings_do_not_make_a_message_unmovable(
+    broker_url: str,
+    queue_name: str,
+    cleanup: list[str],
+    amqp: aio_pika.abc.AbstractConnection,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A non-UTF-8 header string (pamqp decodes it to bytes, which it cannot encode) still
+    reaches the DLQ with the same octets, instead of failing every move forever."""
+    app = App(broker_url)
+
+    @app.handler(queue_name)
+    async def handle(payload: dict[str, int]) -> None:
+        raise Permanent("bad")
+
+    cleanup.extend(s.name for s in app.topology())
+    encode = pamqp.encode.encode_table_value
+
+    def long_string(value: Any) -> bytes:
+        # How another client sends binary in a header: an AMQP long string.
+        if isinstance(value, bytes):
+            return b"S" + len(value).to_bytes(4, "big") + value
+        return encode(value)
+
+    async with running(app):
+        monkeypatch.setattr(pamqp.encode, "encode_table_value", long_string)
+        channel = await amqp.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}", headers={"blob": b"\xff\xfe\x00"}), routing_key=queue_name
+        )
+        monkeypatch.undo()
+        (dead,) = await take(amqp, f"{queue_name}.dlq", 1)
+    assert bytes(dead.headers["blob"]) == b"\xff\xfe\x00"
+    assert dead.headers[h.REASON] == "permanent_error"
