@@ -2,21 +2,21 @@
 
 Every value that comes from a message (ids, headers, bodies, error text) is
 producer-controlled, so it is printed only through :func:`term`, which escapes
-control characters and escape sequences, and never as rich markup.
+control characters and escape sequences.
+
+Plain text on purpose: a table and a progress line need no rendering library,
+and the worker processes (which import this package) stay small.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
 
 from qworker import dlq as lib
 from qworker.redact import escape_control
@@ -62,23 +62,25 @@ def age(moment: datetime | None, now: datetime) -> str:
     return f"{seconds}s"
 
 
-def _console() -> Console:
-    """Rich output on stdout; wide and colourless when it is not a terminal."""
-    tty = sys.stdout.isatty()
-    return Console(highlight=False, soft_wrap=False, width=None if tty else 200, no_color=not tty)
+#: A cell wider than this is cut (with ``…``) so that one long value cannot wreck the table.
+CELL_WIDTH = 60
 
 
 def _print_table(columns: tuple[str, ...], rows: list[tuple[object, ...]], footer: str) -> None:
-    """A table of plain text cells (escaped, never read as markup), then a footer line."""
-    grid = Table(box=None, pad_edge=False, header_style="bold")
-    for column in columns:
-        grid.add_column(column, overflow="fold")
-    for cells in rows:
-        grid.add_row(*(Text(term(cell)) for cell in cells))
-    out = _console()
-    out.print(grid)
+    """Left-aligned columns of escaped text, the last column uncut, then a footer line."""
+    cells = [[term(cell) for cell in row] for row in rows]
+    for row in cells:
+        for i, cell in enumerate(row[:-1]):
+            if len(cell) > CELL_WIDTH:
+                row[i] = cell[: CELL_WIDTH - 1] + "…"
+    widths = [
+        max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)
+    ]
+    for row in [list(columns), *cells]:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo(line.rstrip())
     if footer:
-        out.print(Text(term(footer)))
+        click.echo(term(footer))
 
 
 def print_summaries(summaries: list[lib.DlqSummary]) -> None:
@@ -187,24 +189,15 @@ def print_stats(aggregate: lib.Stats, report: lib.ScanReport, as_json: bool) -> 
 class ReplayReporter:
     """Prints replay events (every dry-run line, the first skips and failures) and progress.
 
-    The progress bar is drawn on stderr, and only when stderr is a terminal.
+    The progress line (``replaying 1200/10000``) is drawn on stderr, only when it is a terminal.
     """
 
     def __init__(self, total: int | None, dry_run: bool) -> None:
         self._noted = 0
-        self._progress: Progress | None = None
-        self._task: Any = None
-        if sys.stderr.isatty() and not dry_run:
-            self._progress = Progress(
-                TextColumn("replaying"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-                transient=True,
-            )
-            self._task = self._progress.add_task("replay", total=total)
-            self._progress.start()
+        self._done = 0
+        self._total = f"/{total}" if total else ""
+        self._progress = sys.stderr.isatty() and not dry_run
+        self._drawn_at = 0.0
 
     def __call__(self, event: lib.Event) -> None:
         """Report one selected dead letter's outcome."""
@@ -213,17 +206,24 @@ class ReplayReporter:
             click.echo(f"would replay {name} -> {term(event.target)}")
         elif event.outcome in (lib.Outcome.SKIPPED, lib.Outcome.FAILED):
             self._noted += 1
+            self._clear()
             if self._noted <= EVENT_LINES:
                 click.echo(f"{event.outcome.value} {name}: {term(event.detail)}", err=True)
             elif self._noted == EVENT_LINES + 1:
                 click.echo("... (more skipped or failed messages not listed)", err=True)
-        if self._progress is not None:
-            self._progress.advance(self._task)
+        self._done += 1
+        if self._progress and time.monotonic() - self._drawn_at > 0.1:
+            self._drawn_at = time.monotonic()
+            sys.stderr.write(f"\rreplaying {self._done}{self._total}")
+            sys.stderr.flush()
+
+    def _clear(self) -> None:
+        if self._progress and self._drawn_at:
+            sys.stderr.write("\r\033[K")
 
     def close(self) -> None:
-        """Remove the progress bar."""
-        if self._progress is not None:
-            self._progress.stop()
+        """Remove the progress line."""
+        self._clear()
 
 
 def print_replay_summary(result: lib.ReplayResult, source: object, dry_run: bool) -> None:
