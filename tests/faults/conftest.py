@@ -82,6 +82,19 @@ def own_node(node_dir: Path, certs: Certificates) -> Iterator[RabbitNode]:
         node.stop()
 
 
+@pytest.fixture
+def scratch_node(tmp_path: Path) -> Iterator[RabbitNode]:
+    """A private node for one test that may break the broker; halted and deleted after it."""
+    directory = Path(tempfile.mkdtemp(prefix="qwf-scratch-"))
+    node = RabbitNode(directory, f"qwfs{uuid.uuid4().hex[:6]}@localhost", free_port(), free_port())
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @dataclass
 class Cluster:
     """A private 3-node cluster run by ``scripts/cluster.sh``."""
