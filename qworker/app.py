@@ -198,11 +198,11 @@ class App:
     async def _ensure_connection(self) -> AbstractConnection:
         async with self._lock:
             if self._connection is None or self._connection.is_closed:
-                self._connection = await connect_once(
+                connection = await connect_once(
                     self.urls, ca_file=self.ssl_ca, name=f"{self.name}-publisher"
                 )
-                self._owns_connection = True
-                self._publisher = None
+                self._use(connection, owned=True)
+            assert self._connection is not None
             return self._connection
 
     async def _ensure_publisher(self) -> ConfirmedPublisher:
@@ -210,17 +210,31 @@ class App:
         async with self._lock:
             if self._publisher is None or self._publisher.channel.is_closed:
                 channel = await connection.channel(publisher_confirms=True)
-                self._publisher = ConfirmedPublisher(channel, self.confirm_timeout)
+                publisher = ConfirmedPublisher(channel, self.confirm_timeout)
+                # A broker-closed channel or connection does not always read as closed
+                # afterwards: forget it when the close arrives, so the next publish reopens.
+                channel.close_callbacks.add(lambda *_: self._forget_publisher(publisher))
+                self._publisher = publisher
             return self._publisher
+
+    def _use(self, connection: AbstractConnection, *, owned: bool) -> None:
+        self._connection, self._owns_connection, self._publisher = connection, owned, None
+        connection.close_callbacks.add(lambda *_: self._forget_connection(connection))
+
+    def _forget_connection(self, connection: AbstractConnection) -> None:
+        if self._connection is connection:
+            self._connection, self._publisher = None, None
+
+    def _forget_publisher(self, publisher: ConfirmedPublisher) -> None:
+        if self._publisher is publisher:
+            self._publisher = None
 
     def attach(self, connection: AbstractConnection) -> None:
         """Publish over a worker's connection (called by the worker on every (re)connect)."""
         previous = self._connection
         if previous is not None and self._owns_connection and not previous.is_closed:
             self._closing = asyncio.ensure_future(previous.close())
-        self._connection = connection
-        self._owns_connection = False
-        self._publisher = None
+        self._use(connection, owned=False)
 
     async def close(self) -> None:
         """Close the app's own publishing connection, if it opened one."""

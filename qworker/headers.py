@@ -263,7 +263,48 @@ def foreign_removed(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     ``bytes`` but cannot encode ``bytes``, which would make every copy of such a
     message unpublishable; they are sent back as byte arrays.
     """
-    return {k: _encodable(v) for k, v in (headers or {}).items() if not k.startswith(PREFIX)}
+    return {
+        k: _encodable(v)
+        for k, v in (headers or {}).items()
+        if not k.startswith(PREFIX) and (k not in _BROKER_DEATH_HEADERS or _sane_death(k, v))
+    }
+
+
+# The broker reads these when it dead-letters a message again (retry tiers do, every time).
+# RabbitMQ 3.10's at-least-once dead-letter worker crashes on a malformed x-death, and with
+# it every at-least-once quorum queue of the node; a forged one is dropped from copies.
+_BROKER_DEATH_HEADERS = frozenset(
+    {"x-death", "x-first-death-queue", "x-first-death-reason", "x-first-death-exchange"}
+)
+_DEATH_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "count": int,
+    "reason": str,
+    "queue": str,
+    "exchange": str,
+    "routing-keys": list,
+    "time": datetime,
+    "original-expiration": str,
+}
+
+
+def _sane_death(name: str, value: Any) -> bool:
+    """True when a broker death header has the shape RabbitMQ writes."""
+    if name != "x-death":
+        return isinstance(value, str)
+    if not isinstance(value, list):
+        return False
+    for entry in value:
+        if not isinstance(entry, Mapping):
+            return False
+        for field, kind in _DEATH_FIELDS.items():
+            if field in entry and (
+                not isinstance(entry[field], kind) or isinstance(entry[field], bool)
+            ):
+                return False
+        keys = entry.get("routing-keys", [])
+        if not all(isinstance(key, str) for key in keys):
+            return False
+    return True
 
 
 def _encodable(value: Any, depth: int = 0) -> Any:

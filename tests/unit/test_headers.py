@@ -829,7 +829,7 @@ def test_failure_headers_are_sane_for_any_incoming_headers(
     out = _fail(incoming, attempt=attempt, reason="retries_exhausted")
     _check_sane(out, attempt)
     for key, value in incoming.items():
-        if not key.startswith(h.PREFIX):
+        if not key.startswith(h.PREFIX) and not key.startswith(("x-death", "x-first-death")):
             assert out[key] == value
 
 
@@ -848,7 +848,7 @@ def test_readers_and_replay_are_sane_for_any_incoming_headers(incoming: dict[str
     assert 1 <= replayed[h.REPLAY_COUNT] <= h.ATTEMPT_LIMIT + 1
     assert _wire_size(_ours(replayed)) < h.TOTAL_LIMIT
     for key, value in incoming.items():
-        if not key.startswith(h.PREFIX):
+        if not key.startswith(h.PREFIX) and not key.startswith(("x-death", "x-first-death")):
             assert replayed[key] == value
 
 
@@ -860,3 +860,31 @@ def test_recursion_limit_is_not_a_concern_for_deeply_nested_values() -> None:
     out = _fail({"deep": deep, h.HISTORY: deep})
     assert out["deep"] is deep
     _check_sane(out, 1)
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [None, "x", 5, [[]], [5], [{"count": "1"}], [{"routing-keys": [1]}], [{"count": True}]],
+)
+def test_malformed_x_death_is_dropped_from_copies(forged: Any) -> None:
+    """A forged x-death (it crashes RabbitMQ 3.10's at-least-once dead-letter worker when
+    a retry tier dead-letters the copy) is not carried into copies; a real one is kept."""
+    assert "x-death" not in _fail({"x-death": forged})
+    assert "x-death" not in h.replay_headers({"x-death": forged})
+
+
+def test_well_formed_x_death_and_first_death_headers_are_kept() -> None:
+    """The broker's own death headers pass through unchanged."""
+    death = [
+        {
+            "count": 2,
+            "reason": "expired",
+            "queue": "orders.retry.1s",
+            "exchange": "",
+            "routing-keys": ["orders.retry.1s"],
+            "time": datetime(2026, 1, 1, tzinfo=UTC),
+        }
+    ]
+    out = _fail({"x-death": death, "x-first-death-queue": "orders.retry.1s"})
+    assert out["x-death"] == death
+    assert out["x-first-death-queue"] == "orders.retry.1s"
