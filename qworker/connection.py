@@ -59,9 +59,14 @@ async def connect_once(
     name: str = "qworker",
     timeout: float = 10,  # noqa: ASYNC109
 ) -> AbstractConnection:
-    """Try each URL in order; the first that accepts wins. Raises :class:`BrokerUnavailable`."""
+    """Try each URL in order; the first that accepts wins.
+
+    Raises :class:`BrokerUnavailable`, or :class:`ConfigurationError` when every URL
+    failed certificate verification (the next try would fail the same way).
+    """
     context = ssl_context(ca_file)
     failures = []
+    untrusted = 0
     for url in urls:
         try:
             return await aio_pika.connect(
@@ -71,7 +76,13 @@ async def connect_once(
                 client_properties={"connection_name": name},
             )
         except CONNECT_ERRORS as exc:
+            # aiormq wraps the ssl error in AMQPConnectionError
+            untrusted += any(
+                isinstance(e, ssl.SSLCertVerificationError) for e in (exc, exc.__cause__)
+            )
             failures.append(f"{mask_url(url)}: {mask_url(str(exc)) or type(exc).__name__}")
+    if untrusted == len(urls):
+        raise ConfigurationError("TLS certificate verification failed: " + "; ".join(failures))
     raise BrokerUnavailable("cannot connect to RabbitMQ (" + "; ".join(failures) + ")")
 
 
