@@ -44,7 +44,6 @@ class Summary:
     by_mode: dict[str, int]
     unconfirmed_publishes: int
     publish_retries: int
-    publisher_app_resets: int
     processed: int
     dead_lettered: int
     dlq_reasons: dict[str, int]
@@ -62,6 +61,7 @@ class Summary:
     notes: list[str] = field(default_factory=list)
     #: Messages the broker held in retry tiers without moving them back (see docs).
     stranded: dict[str, int] = field(default_factory=dict)
+    unstick_rounds: int = 0
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -73,7 +73,12 @@ class Summary:
             f"processed {self.processed}, dead-lettered {self.dead_lettered}, lost {self.lost}, "
             f"duplicates {self.duplicates['total']}, faults {self.faults_by_kind}, "
             f"worst recovery: {worst or '-'}"
-            + (f", stranded in retry tiers until unstuck: {self.stranded}" if self.stranded else "")
+            + (
+                f", stranded in retry tiers: {self.stranded} "
+                f"(released after {self.unstick_rounds} leader restart(s))"
+                if self.stranded
+                else ""
+            )
         )
 
 
@@ -150,7 +155,6 @@ def account(
         by_mode=dict(Counter(published.values())),
         unconfirmed_publishes=len(publisher.unconfirmed),
         publish_retries=publisher.retries,
-        publisher_app_resets=publisher.resets,
         processed=len(set(processed) & set(published)),
         dead_lettered=len(dead_ids & set(published)),
         dlq_reasons=dict(Counter(r.reason for r in drain.records)),

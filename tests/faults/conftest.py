@@ -82,9 +82,10 @@ def own_node(node_dir: Path, certs: Certificates) -> Iterator[RabbitNode]:
         node.stop()
 
 
-@pytest.fixture
-def scratch_node(tmp_path: Path) -> Iterator[RabbitNode]:
-    """A private node for one test that may break the broker; halted and deleted after it."""
+@pytest.fixture(scope="module")
+def scratch_node() -> Iterator[RabbitNode]:
+    """A private node for one test module whose input may break the broker (forged headers,
+    hostile input), so that a regression cannot spill into other tests; deleted after it."""
     directory = Path(tempfile.mkdtemp(prefix="qwf-scratch-"))
     node = RabbitNode(directory, f"qwfs{uuid.uuid4().hex[:6]}@localhost", free_port(), free_port())
     try:

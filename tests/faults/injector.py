@@ -20,10 +20,10 @@ from tests.faults.workers import WorkerPool
 FAULT_BUDGET = {
     "kill9": 3.0,
     "close": 3.0,
-    "restart": 8.0,
+    "restart": 6.0,
     "hang": 4.0,
-    "dlq_full": 8.0,
-    "node_stop": 16.0,
+    "dlq_full": 6.0,
+    "node_stop": 14.0,
 }
 
 

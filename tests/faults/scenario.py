@@ -86,6 +86,7 @@ class Scenario:
     #: Called with the retry tiers whose dead-lettered messages the broker stopped moving.
     unstick: Callable[[list[str]], Awaitable[None]] | None = None
     unstuck: dict[str, int] = field(default_factory=dict)
+    unstick_rounds: int = 0
     queue: str = field(default_factory=lambda: f"qwf.{uuid.uuid4().hex[:12]}")
     pool: WorkerPool | None = None
 
@@ -158,22 +159,29 @@ class Scenario:
             await publishing
             seconds["publish"] = round(time.monotonic() - t0, 2)
             missing = await self._wait_accounted(publisher, ledger, drain, stall=15)
-            if missing:
+            for _ in range(3 if self.unstick is not None else 0):
                 # Ids neither processed nor dead-lettered, and no progress: still in the broker?
-                stranded = await asyncio.to_thread(self.stranded)
-                if stranded and self.unstick is not None:
-                    self.unstuck = stranded
-                    await self.unstick(list(stranded))
+                stranded = await asyncio.to_thread(self.stranded) if missing else {}
+                if not stranded:
+                    break
+                assert self.unstick is not None
+                for name, n in stranded.items():
+                    self.unstuck[name] = max(n, self.unstuck.get(name, 0))
+                self.unstick_rounds += 1
+                await self.unstick(list(stranded))
+                missing = await self._wait_accounted(publisher, ledger, drain, stall=20)
+            if missing:
                 missing = await self._wait_accounted(publisher, ledger, drain)
             seconds["until_accounted"] = round(time.monotonic() - t0, 2)
             await self._settle()
             alive_before_stop = [w.alive() for w in pool.workers]
             exit_codes = await asyncio.to_thread(pool.terminate, 5.0)
             await self._drain_rest(drain)
-            # Whatever is still in the work queue or a tier (ready, or dead-lettered but not yet
-            # moved) is a leftover copy of an id already accounted for, or a stranded one.
-            totals = await asyncio.to_thread(self.totals)
-            residual = sum(n for name, n in totals.items() if not name.endswith(".dlq"))
+            # Whatever is still in the work queue or a tier (the stop returned every unacked
+            # delivery) is a leftover copy of an id already accounted for. Passive declares
+            # count exactly; rabbitmqctl's counts of quorum queues lag by seconds.
+            totals = await queue_depths(self.urls, queue_names(self.queue))
+            residual = sum(max(0, n) for name, n in totals.items() if not name.endswith(".dlq"))
         finally:
             progress.cancel()
             drain.stop()
@@ -199,6 +207,7 @@ class Scenario:
             seconds,
         )
         summary.stranded = self.unstuck
+        summary.unstick_rounds = self.unstick_rounds
         if missing:
             summary.notes.append(
                 f"{len(missing)} ids not accounted for when the wait ended; in the broker's "
@@ -262,21 +271,20 @@ class Scenario:
             await asyncio.sleep(0.25)
         return sum(max(0, d) for d in depths.values())
 
-    def totals(self) -> dict[str, int]:
-        """All messages per queue of this scenario as the broker counts them (``rabbitmqctl
-        list_queues messages``: ready, unacked, and dead-lettered but not yet moved)."""
-        names = set(queue_names(self.queue))
-        out = ctl(self.node, "list_queues", "name", "messages", "--no-table-headers")
-        found = {}
-        for line in out.splitlines():
-            name, _, count = line.partition("\t")
-            if name in names and count.strip().isdigit():
-                found[name] = int(count)
-        return found
-
     def stranded(self) -> dict[str, int]:
         """Retry tiers holding messages that are neither ready nor unacked: dead-lettered by
-        TTL but not moved back to the work queue (RabbitMQ's at-least-once dead-lettering)."""
+        TTL but not moved back to the work queue (RabbitMQ's at-least-once dead-lettering).
+
+        rabbitmqctl's counts of quorum queues are refreshed every few seconds, so a tier
+        counts as stranded only if it holds such messages in two readings 6 s apart."""
+        first = self._held()
+        if not first:
+            return {}
+        time.sleep(6)
+        second = self._held()
+        return {name: n for name, n in second.items() if name in first}
+
+    def _held(self) -> dict[str, int]:
         tiers = {n for n in queue_names(self.queue) if ".retry." in n}
         out = ctl(
             self.node,

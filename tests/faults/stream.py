@@ -79,9 +79,6 @@ class Publisher:
         self.published: dict[str, str] = {}
         self.unconfirmed: dict[str, str] = {}
         self.retries = 0
-        self.resets = 0
-        self._reset_at = 0.0
-        self._old: list[App] = []
         self.done = asyncio.Event()
 
     async def run(self, items: Sequence[tuple[str, str]], rate: float) -> None:
@@ -104,9 +101,8 @@ class Publisher:
     async def _one(self, message_id: str, mode: str, give_up_after: float = 180) -> None:
         deadline = time.monotonic() + give_up_after
         while True:
-            app = self.app
             try:
-                await app.publish(
+                await self.app.publish(
                     self.queue, {"id": message_id, "mode": mode}, message_id=message_id
                 )
             except Exception as exc:
@@ -114,28 +110,14 @@ class Publisher:
                 if time.monotonic() > deadline:
                     self.unconfirmed[message_id] = repr(exc)[:200]
                     return
-                self._replace(app)
                 await asyncio.sleep(0.25)
             else:
                 self.published[message_id] = mode
                 return
 
-    def _replace(self, failed: App) -> None:
-        """Publish through a fresh App after a failure (at most every 2 s).
-
-        Works around a qworker bug (see ``test_publish_recovery.py``): an App whose connection
-        the broker closed never reconnects, because aio-pika's ``is_closed`` stays false.
-        """
-        if failed is self.app and time.monotonic() - self._reset_at > 2:
-            self._reset_at = time.monotonic()
-            self.resets += 1
-            self._old.append(failed)
-            self.app = App(self.urls, name=self.name)
-
     async def close(self) -> None:
-        for app in (*self._old, self.app):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(app.close(), 5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.app.close(), 5)
 
 
 def make_items(count: int, rng: random.Random, prefix: str) -> list[tuple[str, str]]:

@@ -61,6 +61,7 @@ async def test_node_stop_in_a_three_node_cluster_loses_nothing(
         leaders = {name: leader.strip() for name, _, leader in rows}
         for n in sorted({int(leaders[t].split("@")[0][-1]) for t in tiers if t in leaders}):
             await asyncio.to_thread(cluster.stop, n)
+            await asyncio.sleep(3)  # a new leader settles before the node rejoins
             await asyncio.to_thread(cluster.start, n)
 
     scenario = scenarios(

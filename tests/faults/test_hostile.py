@@ -1,8 +1,9 @@
 """Hostile input (hypothesis): the worker stays up, its memory stays bounded, and every message
 ends processed or dead-lettered with a reason.
 
-Raw messages go with aio-pika to a subprocess worker on the private node (a forged ``x-death`` once
-broke the shared node's dead-lettering, see ``test_forged_headers.py``) that consumes four queues
+Raw messages go with aio-pika to a subprocess worker on a throwaway private node (a forged
+``x-death`` once broke the shared node's dead-lettering, see ``test_forged_headers.py``; here it
+could only break that node) that consumes four queues
 (JSON ``dict``, a pydantic model, ``str`` and ``bytes`` payloads). Some ask their handler to fail
 (header ``fail``) so that the failure paths see hostile headers too. Example count:
 ``SIZE.hostile_examples`` (100 at CI size, 1000 at full size).
@@ -149,9 +150,9 @@ class Target:
 
 
 @pytest.fixture
-def target(own_node: RabbitNode, tmp_path: Path) -> Iterator[Target]:
+def target(scratch_node: RabbitNode, tmp_path: Path) -> Iterator[Target]:
     """A hostile-input worker (subprocess) with its queues, removed after the test."""
-    t = Target(own_node.url, tmp_path)
+    t = Target(scratch_node.url, tmp_path)
     try:
         t.start()
         yield t
@@ -170,7 +171,7 @@ def _warm_up(target: Target) -> None:
 
 
 def test_hostile_messages_never_crash_the_worker_nor_get_lost(
-    target: Target, own_node: RabbitNode
+    target: Target, scratch_node: RabbitNode
 ) -> None:
     """Random bodies (binary, up to 3 MB, deeply nested JSON, invalid UTF-8), content types and
     encodings, and headers of every AMQP type and size (forged ``x-qworker-*`` included): the
@@ -243,7 +244,7 @@ def test_hostile_messages_never_crash_the_worker_nor_get_lost(
     assert all(reason != "none" for reasons in dead.values() for reason in reasons), dead
     assert rss_end - rss_warm < RSS_GROWTH_LIMIT, (rss_warm, rss_end)
     assert target.pool.events()["message.internal_error"] == 0
-    dlx = ctl(own_node.name, "eval", "whereis(rabbit_fifo_dlx_sup).").strip()
+    dlx = ctl(scratch_node.name, "eval", "whereis(rabbit_fifo_dlx_sup).").strip()
     assert dlx != "undefined", "the broker's dead-letter supervisor died"
 
     # Still consuming: one ordinary message per queue is handled.

@@ -7,7 +7,6 @@ The CA, the server certificate (localhost, 127.0.0.1) and an unrelated CA come f
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import ssl
@@ -21,7 +20,7 @@ import aio_pika
 import pytest
 
 from qworker import App, Context, Permanent, RetryPolicy
-from qworker.errors import BrokerUnavailable
+from qworker.errors import QworkerError
 from qworker.testing import running
 from tests.faults.nodes import ROOT, Certificates, RabbitNode, ctl
 from tests.faults.scenario import delete_queues
@@ -162,30 +161,25 @@ def _run_with_wrong_ca(
     return exited, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "qworker weakness: with a CA that does not match the broker's certificate, qworker run "
-        "retries forever (Worker._connect -> connection.connect retries BrokerUnavailable, which "
-        "includes ssl.SSLCertVerificationError) instead of exiting non-zero with one line"
-    ),
-)
 def test_wrong_ca_makes_qworker_run_exit_with_one_clear_line(
     own_node: RabbitNode, certs: Certificates
 ) -> None:
     """A certificate that cannot be verified will not verify on the next try: ``qworker run``
-    exits non-zero within 20 s with one line on stderr naming the certificate problem."""
-    exited, code, _, err = _run_with_wrong_ca(own_node, certs, 20)
+    exits non-zero within 10 s with one line on stderr naming the certificate problem, and no
+    traceback. (Before d51859c it retried forever.)"""
+    exited, code, out, err = _run_with_wrong_ca(own_node, certs, 10)
     assert exited and code != 0, "qworker run did not exit"
+    assert ":guest@" not in out + err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "certificate" in lines[0].lower(), err
     assert "Traceback" not in err
 
 
-def test_wrong_ca_what_holds_today(own_node: RabbitNode, certs: Certificates) -> None:
-    """With an unrelated CA: ``App.publish`` raises BrokerUnavailable naming the certificate
-    failure (password masked) at once; ``qworker run`` logs ``broker.unavailable`` with that
-    reason while it retries, prints no traceback, and stops cleanly on SIGTERM."""
+def test_wrong_ca_makes_app_publish_raise_broker_unavailable(
+    own_node: RabbitNode, certs: Certificates
+) -> None:
+    """With an unrelated CA, ``App.publish`` raises at once, naming the certificate failure
+    (the URL's password masked)."""
 
     async def publish() -> BaseException | None:
         app = App(own_node.tls_url, ssl_ca=str(certs.wrong_ca))
@@ -198,14 +192,5 @@ def test_wrong_ca_what_holds_today(own_node: RabbitNode, certs: Certificates) ->
         return None
 
     error = asyncio.run(publish())
-    assert isinstance(error, BrokerUnavailable), repr(error)
+    assert isinstance(error, QworkerError), repr(error)
     assert "CERTIFICATE_VERIFY_FAILED" in str(error) and ":guest@" not in str(error)
-
-    exited, code, out, err = _run_with_wrong_ca(own_node, certs, 6)
-    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    unavailable = [e for e in events if e.get("event") == "broker.unavailable"]
-    assert unavailable and "CERTIFICATE_VERIFY_FAILED" in unavailable[0]["error"]
-    assert "Traceback" not in err and "Traceback" not in out
-    assert ":guest@" not in out + err
-    # Today it is still retrying after 6 s; SIGTERM then stops it with exit code 0.
-    assert exited or code == 0, (exited, code)
