@@ -83,6 +83,9 @@ class ConfirmedPublisher:
                 properties=properties,
                 mandatory=True,
                 timeout=self._timeout,
+                # The broker's confirm is what we wait for; waiting for the socket write
+                # first only adds a round through the event loop.
+                wait=False,
             )
         except TimeoutError:
             raise PublishFailed(f"no confirm within {self._timeout:g}s for {where}") from None
