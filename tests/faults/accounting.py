@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +18,19 @@ from tests.faults.size import SIZE
 from tests.faults.stream import DEAD_REASONS, SUCCESS_MODES, DlqDrain, Ledger, Publisher, Success
 
 
-def recovery_times(faults: Iterable[Fault], successes: Sequence[Success]) -> None:
-    """Set each fault's recovery: from the fault to the next successful handler completion."""
-    times = sorted(s.at for s in successes)
+def recovery_times(faults: Sequence[Fault], successes: Sequence[Success]) -> None:
+    """Set each fault's recovery: from the fault to the next successful handler completion.
 
+    A fault whose recovery window contains the next fault is marked ``overlapped``: its time
+    measures the pile-up, not the fault alone."""
+    times = sorted(s.at for s in successes)
+    starts = sorted(f.at for f in faults)
     for fault in faults:
         i = bisect.bisect_right(times, fault.at)
         fault.recovery_s = round(times[i] - fault.at, 3) if i < len(times) else None
+        later = [t for t in starts if t > fault.at]
+        end = fault.at + (fault.recovery_s or 0.0)
+        fault.detail["overlapped"] = bool(later) and later[0] < end
 
 
 def first_success_of(pid: int, successes: Sequence[Success]) -> float | None:
@@ -54,6 +60,8 @@ class Summary:
     duplicates: dict[str, int]
     faults_by_kind: dict[str, int]
     worst_recovery_s: dict[str, float | None]
+    #: The same, over faults whose recovery no later fault interrupted.
+    worst_isolated_recovery_s: dict[str, float]
     faults: list[dict[str, Any]]
     worker_exit_codes: list[int | None]
     worker_events: dict[str, int]
@@ -73,6 +81,11 @@ class Summary:
             f"processed {self.processed}, dead-lettered {self.dead_lettered}, lost {self.lost}, "
             f"duplicates {self.duplicates['total']}, faults {self.faults_by_kind}, "
             f"worst recovery: {worst or '-'}"
+            + (
+                f" (faults not overlapped by the next one: {self.worst_isolated_recovery_s})"
+                if self.worst_isolated_recovery_s != self.worst_recovery_s
+                else ""
+            )
             + (
                 f", stranded in retry tiers: {self.stranded} "
                 f"(released after {self.unstick_rounds} leader restart(s))"
@@ -135,9 +148,12 @@ def account(
 
     recovery_times(faults, ledger.successes)
     worst: dict[str, float | None] = {}
+    isolated: dict[str, float] = {}
     for f in faults:
         if f.recovery_s is not None:
             worst[f.kind] = max(worst.get(f.kind) or 0.0, f.recovery_s)
+            if not f.detail["overlapped"]:
+                isolated[f.kind] = max(isolated.get(f.kind, 0.0), f.recovery_s)
         else:
             worst.setdefault(f.kind, None)
         if f.kind == "kill9" and "new_pid" in f.detail:
@@ -165,6 +181,7 @@ def account(
         duplicates=duplicates,
         faults_by_kind=dict(Counter(f.kind for f in faults)),
         worst_recovery_s=worst,
+        worst_isolated_recovery_s=isolated,
         faults=[asdict(f) for f in faults],
         worker_exit_codes=exit_codes,
         worker_events={

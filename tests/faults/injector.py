@@ -29,6 +29,8 @@ FAULT_BUDGET = {
 
 @dataclass
 class Fault:
+    """One injected fault: its kind, when it took effect, and what followed."""
+
     kind: str
     at: float  # time.time() when the fault took effect
     detail: dict[str, Any] = field(default_factory=dict)

@@ -85,6 +85,10 @@ class Scenario:
     before_faults: Callable[[], Awaitable[None]] | None = None
     #: Called with the retry tiers whose dead-lettered messages the broker stopped moving.
     unstick: Callable[[list[str]], Awaitable[None]] | None = None
+    #: Extra ``qworker run`` arguments (e.g. ``--url u1,u2,u3``), and the URLs the app itself
+    #: is built with (default: ``urls``).
+    worker_args: list[str] = field(default_factory=list)
+    app_urls: list[str] | None = None
     unstuck: dict[str, int] = field(default_factory=dict)
     unstick_rounds: int = 0
     queue: str = field(default_factory=lambda: f"qwf.{uuid.uuid4().hex[:12]}")
@@ -108,7 +112,7 @@ class Scenario:
         for d in (ledger_dir, control, logs):
             d.mkdir(parents=True, exist_ok=True)
         worker_name = f"qwf-w-{self.queue}"
-        env = worker_env(self.urls, worker_name, self.queue, ledger_dir, control)
+        env = worker_env(self.app_urls or self.urls, worker_name, self.queue, ledger_dir, control)
         args = [
             "--concurrency",
             str(self.concurrency),
@@ -118,6 +122,7 @@ class Scenario:
             "5",
             "--log-format",
             "json",
+            *self.worker_args,
         ]
         self.pool = pool = WorkerPool("tests.faults.fault_app:app", env, logs, self.workers, args)
         seconds: dict[str, float] = {}

@@ -64,9 +64,12 @@ async def test_node_stop_in_a_three_node_cluster_loses_nothing(
             await asyncio.sleep(3)  # a new leader settles before the node rejoins
             await asyncio.to_thread(cluster.start, n)
 
+    # The app's own URL list (QWF_URL) names only node 1: failover comes from --url u1,u2,u3.
     scenario = scenarios(
         "node_stop",
         urls=cluster.urls,
+        worker_args=["--url", ",".join(cluster.urls)],
+        app_urls=cluster.urls[:1],
         node=cluster.node(2),
         kinds=["node_stop"],
         messages=SIZE.messages,
