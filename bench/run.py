@@ -476,6 +476,10 @@ def profile_one(
         proc = subprocess.Popen(cmd, env=cenv, cwd=harness, stdout=wlog, stderr=subprocess.STDOUT)
         reader = CounterReader(counter)
         t_end = worker = cpu0 = None
+        broker = next(
+            (p for p in psutil.process_iter(["name"]) if p.info["name"] == "beam.smp"), None
+        )
+        broker0 = None
         limit = time.monotonic() + 600
         while time.monotonic() < limit and proc.poll() is None:
             c = reader.read()
@@ -484,6 +488,7 @@ def profile_one(
                 worker = kids[0] if kids else None
             if cpu0 is None and c["calls"] and worker is not None:
                 cpu0 = sum(worker.cpu_times()[:2])  # user + system at the first handler call
+                broker0 = sum(broker.cpu_times()[:2]) if broker is not None else None
             if scenario == "S3":
                 if c["calls"] >= ctx.n and (asyncio.run(_depth(names["dead"])) or 0) >= ctx.n:
                     t_end = time.monotonic()
@@ -496,6 +501,13 @@ def profile_one(
         if worker is not None and cpu0 is not None:
             result["cpu_us_per_msg"] = (sum(worker.cpu_times()[:2]) - cpu0) * 1e6 / ctx.n
             result["rss_mib"] = worker.memory_info().rss / 2**20
+            with open(f"/proc/{worker.pid}/status") as f:  # the kernel's peak RSS
+                hwm = [ln.split()[1] for ln in f if ln.startswith("VmHWM:")]
+            result["vmhwm_mib"] = int(hwm[0]) / 1024 if hwm else None
+            if broker0 is not None:  # the broker's CPU too (other users of the broker add to it)
+                result["broker_cpu_us_per_msg"] = (
+                    (sum(broker.cpu_times()[:2]) - broker0) * 1e6 / ctx.n
+                )
         if t_end and c["t_first"]:
             result["msgs_per_s"] = ctx.n / (t_end - c["t_first"])
         result.update(calls=c["calls"], done=c["done"])
@@ -538,10 +550,12 @@ def run_cpu(args, env: dict[str, str], info: dict) -> int:
     med = statistics.median
     lines = [
         f"Worker CPU (user+system) per message, first handler call to the end, N={args.n or 10000},"
-        f" median of {reps} (bench/run.py --cpu); qworker: {info.get('commit') or info['source']}",
+        f" median of {reps} (bench/run.py --cpu); qworker: {info.get('commit') or info['source']}."
+        " Broker CPU: beam.smp over the same interval (includes anyone else's load).",
         "",
-        "| scenario | contender | CPU us/msg | raw CPU / this CPU | msgs/s | RSS MiB |",
-        "|---|---|---:|---:|---:|---:|",
+        "| scenario | contender | CPU us/msg | raw CPU / this CPU | broker CPU us/msg | msgs/s "
+        "| peak RSS MiB (VmHWM) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for scenario in args.cpu:
         base = rows.get((scenario, BASELINE))
@@ -549,19 +563,23 @@ def run_cpu(args, env: dict[str, str], info: dict) -> int:
         for name in names:
             rs = rows.get((scenario, name))
             if not rs:
-                lines.append(f"| {scenario} | {name} | failed | | | |")
+                lines.append(f"| {scenario} | {name} | failed | | | | |")
                 continue
             cpu = med([r["cpu_us_per_msg"] for r in rs])
             ratio = base_cpu / cpu if base_cpu else None
-            rate, rss = med([r["msgs_per_s"] for r in rs]), med([r["rss_mib"] for r in rs])
+            rate = med([r["msgs_per_s"] for r in rs])
+            rss = med([r.get("vmhwm_mib") or r["rss_mib"] for r in rs])
+            bcpu = [r["broker_cpu_us_per_msg"] for r in rs if "broker_cpu_us_per_msg" in r]
+            bcpu_s = fmt(med(bcpu) if bcpu else None, ",.0f")
             lines.append(
-                f"| {scenario} | {name} | {cpu:,.0f} | {fmt(ratio, '.2f')} | {rate:,.0f} | "
-                f"{rss:.1f} |"
+                f"| {scenario} | {name} | {cpu:,.0f} | {fmt(ratio, '.2f')} | {bcpu_s} | "
+                f"{rate:,.0f} | {rss:.1f} |"
             )
     md = "\n".join(lines) + "\n"
     # Only the default comparison goes to results/; partial runs to the git-ignored logs/.
     where = LOGS if args.contenders else RESULTS
-    with open(os.path.join(where, f"cpu-{dt.date.today().isoformat()}.md"), "w") as f:
+    name = f"cpu-{dt.date.today().isoformat()}" + (f"-n{args.n}" if args.n else "")
+    with open(os.path.join(where, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)
     return 0
@@ -597,39 +615,48 @@ def category(file: str) -> str:
     return "other stdlib / python"
 
 
-# Buckets for "where does a message's time go": first match (top to bottom) wins.
+# Buckets for "where does a message's time go": the first match (top to bottom) wins; a
+# bucket matches when all its needles do: "@path" a frame's file starts with path, anything
+# else is a substring of some "function (file)". Labels may repeat (alternatives).
+TB = "traceback formatting (ErrorInfo.from_exception)"
 BUCKETS = (
-    ("traceback.format_exception (ErrorInfo.from_exception)", ("format_exception",)),
+    (TB, ("format_exception",)),
+    (TB, ("format_traceback",)),
     ("redact() of error message + traceback (ErrorInfo.from_exception)",
      ("ErrorInfo.from_exception", "redact")),
     ("ErrorInfo.from_exception, rest", ("ErrorInfo.from_exception",)),
     ("log line: redact_values processor", ("redact_values",)),
     ("log line: structlog bind/render/write", ("@structlog",)),
     ("failure_headers / _fit", ("failure_headers",)),
-    ("aio_pika.Message() for the copy (Consumer._move)", ("Consumer._move", "Message.__init__")),
+    ("build the copy's properties", ("Consumer._move", "Message.__init__")),
+    ("build the copy's properties", ("copy_properties",)),
     ("publish the copy (ConfirmedPublisher -> aiormq/pamqp)", ("ConfirmedPublisher.publish",)),
     ("ack/nack call", ("IncomingMessage.ack",)),
+    ("ack/nack call", ("Delivery.ack",)),
+    ("ack/nack call", ("Delivery.nack",)),
     ("aiormq writer task (frames to the socket)", ("Connection.__writer",)),
     ("aiormq reader task (deliveries, confirms: pamqp unmarshal)", ("Connection.__reader",)),
     ("aio-pika on_message -> IncomingMessage", ("consumer (aio_pika/queue.py)",)),
-    ("handler call + payload decode (pydantic)", ("Consumer._run",)),
-    ("payload decode", ("decode_json",)),
-    ("qworker, other", ("@qworker",)),
+    ("handler call (incl. Context)", ("Consumer._run",)),
+    ("handler call (incl. Context)", ("@qworker/execution.py",)),
+    ("payload decode (pydantic)", ("decode_json",)),
+    ("qworker delivery intake (flow.Gate, Delivery)", ("@qworker/flow.py",)),
+    ("qworker delivery intake (flow.Gate, Delivery)", ("@qworker/delivery.py",)),
+    ("qworker, other (Consumer task, semaphore, observers)", ("@qworker/",)),
     ("event loop and everything else", ()),
 )  # fmt: skip
 
 
 def bucket_of(frames: list[tuple[str, str, str]]) -> str:
-    names = {f"{func} ({file})" for func, file, _ in frames} | {func for func, _, _ in frames}
-    files = {file.split("/", 1)[0] for _, file, _ in frames}
+    names = {f"{func} ({file})" for func, file, _ in frames}
+    files = {file for _, file, _ in frames}
     for label, needles in BUCKETS:
-        ok = True
-        for needle in needles:
-            if needle.startswith("@"):
-                ok = ok and needle[1:] in files
-            else:
-                ok = ok and any(needle in n for n in names)
-        if ok:
+        if all(
+            any(f.startswith(n[1:]) for f in files)
+            if n.startswith("@")
+            else any(n in x for x in names)
+            for n in needles
+        ):
             return label
     return BUCKETS[-1][0]
 
