@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractConnection
 from qworker.alerts import AlertRule, Notify
 from qworker.breaker import CircuitBreaker
 from qworker.classify import Classification, Classifier
-from qworker.connection import connect_once, normalise_urls
+from qworker.connection import close_quietly, connect_once, normalise_urls
 from qworker.errors import ConfigurationError
 from qworker.events import Observer
 from qworker.handler import Handler, HandlerFunc, build_handler
@@ -223,6 +223,8 @@ class App:
 
     def _forget_connection(self, connection: AbstractConnection) -> None:
         if self._connection is connection:
+            if self._owns_connection:  # release what is left of it (aio-pika warns otherwise)
+                self._closing = asyncio.ensure_future(close_quietly(connection))
             self._connection, self._publisher = None, None
 
     def _forget_publisher(self, publisher: ConfirmedPublisher) -> None:

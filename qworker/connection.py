@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Sequence
 
@@ -114,3 +115,11 @@ async def connect(
         with attempt:
             return await connect_once(urls, ca_file=ca_file, name=name)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def close_quietly(connection: AbstractConnection) -> None:
+    """Close ``connection`` if it is open; closing one the broker already closed may fail,
+    and it is gone either way."""
+    if not connection.is_closed:
+        with contextlib.suppress(Exception):
+            await connection.close()

@@ -355,9 +355,13 @@ class Consumer:
                 await prepare()
             await self._publisher.publish_body(message.body, properties, target)
         except Exception as exc:  # PublishFailed, or the tier could not be declared
-            self._publish_failures += 1
+            now = time.monotonic()
+            if now >= self._resume_at:
+                # Concurrent failures within one pause are one outage, not a longer one:
+                # only a failure after the pause has run out doubles the next pause.
+                self._publish_failures += 1
             pause = min(_MAX_BACKOFF, 0.5 * 2 ** (self._publish_failures - 1))
-            self._resume_at = time.monotonic() + pause
+            self._resume_at = max(self._resume_at, now + pause)
             log.error("message.move_failed", target=target, error=str(exc), backoff=pause)
             await asyncio.sleep(pause)
             await self._settle(message, requeue=True, event="message.returned")

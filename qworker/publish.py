@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -75,7 +75,8 @@ class ConfirmedPublisher:
     ) -> None:
         where = f"exchange {exchange!r} routing key {routing_key!r}"
         try:
-            underlay = await self.channel.get_underlay_channel()
+            # The concrete channel: the abstract one does not declare ``wait``.
+            underlay = cast(aiormq.Channel, await self.channel.get_underlay_channel())
             result = await underlay.basic_publish(
                 body,
                 exchange=exchange,

@@ -56,8 +56,9 @@ _TRIGGERS = (
 
 def redact(text: str) -> str:
     """Return ``text`` with secrets replaced by ``***``."""
-    lowered = text.lower()
-    if not any(trigger in lowered for trigger in _TRIGGERS):
+    # Only for ASCII: the case-insensitive patterns also match non-ASCII letters that fold
+    # to ASCII ones (``ſ`` as s, ``ı`` as i), which ``str.lower`` does not turn into them.
+    if text.isascii() and not any(trigger in text.lower() for trigger in _TRIGGERS):
         return text
     text = _URL_CREDENTIALS.sub(rf"\g<head>{MASK}@", text)
     text = _AUTH_HEADER.sub(rf"\g<head>{MASK}", text)

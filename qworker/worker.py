@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,7 +12,7 @@ from aio_pika.abc import AbstractConnection
 
 from qworker.app import App
 from qworker.breaker import Circuit
-from qworker.connection import CONNECT_ERRORS, connect
+from qworker.connection import CONNECT_ERRORS, close_quietly, connect
 from qworker.consumer import Consumer, Policy
 from qworker.logging import configure_logging
 from qworker.publish import ConfirmedPublisher
@@ -110,10 +109,10 @@ class Worker:
                     await self._subscribe(connection, lost)
                 except _LOSS_ERRORS as exc:
                     self._log.warning("worker.subscribe_failed", error=mask_url(repr(exc)))
-                    await _close_quietly(connection)
+                    await close_quietly(connection)
                     continue
                 except BaseException:  # e.g. a topology conflict: fatal, but close cleanly
-                    await _close_quietly(connection)
+                    await close_quietly(connection)
                     raise
                 self._connection = connection
                 self.connections += 1
@@ -131,7 +130,7 @@ class Worker:
                 self._log.warning("worker.connection_lost", reconnecting=True)
                 for consumer in self._consumers:
                     await consumer.stop_taking()
-                await _close_quietly(connection)
+                await close_quietly(connection)
         finally:
             await self.app.close()
 
@@ -174,17 +173,10 @@ class Worker:
         for consumer in self._consumers:
             await consumer.stop_taking()
         counts = await asyncio.gather(*(c.drain(self.grace) for c in self._consumers))
-        await _close_quietly(connection)
+        await close_quietly(connection)
         self._log.info("worker.stopped", cancelled=sum(counts))
 
 
 def _setter(event: asyncio.Event) -> Callable[..., None]:
     """A close callback that sets ``event``."""
     return lambda *_: event.set()
-
-
-async def _close_quietly(connection: AbstractConnection) -> None:
-    if not connection.is_closed:
-        # Closing a broken connection may fail; it is gone either way.
-        with contextlib.suppress(Exception):
-            await connection.close()
