@@ -57,7 +57,7 @@ _TRIGGERS = (
 def redact(text: str) -> str:
     """Return ``text`` with secrets replaced by ``***``."""
     # Only for ASCII: the case-insensitive patterns also match non-ASCII letters that fold
-    # to ASCII ones (``ſ`` as s, ``ı`` as i), which ``str.lower`` does not turn into them.
+    # to ASCII ones (long s U+017F as s, dotless i U+0131 as i), which ``str.lower`` keeps.
     if text.isascii() and not any(trigger in text.lower() for trigger in _TRIGGERS):
         return text
     text = _URL_CREDENTIALS.sub(rf"\g<head>{MASK}@", text)
