@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from aio_pika.abc import AbstractConnection
 
 from qworker import dlq as lib
 from qworker.dlq_cursor import queue_depth
+from qworker.dlq_management import ManagementError, list_dlqs
 from qworker.dlq_options import broker, export_file, filter_options, limit_option, with_broker
 from qworker.dlq_terminal import (
     ReplayReporter,
@@ -65,15 +67,35 @@ from qworker.cli import EXIT_APP, EXIT_USAGE, fail, load_app, url_option  # noqa
     show_default=True,
     help="Messages read per DLQ for oldest failure and top errors; 0 reads all.",
 )
+@click.option(
+    "--management-url",
+    envvar="QWORKER_MANAGEMENT_URL",
+    help="List every *.dlq the management API knows (http://user:pass@host:15672).",
+)
 @url_option
-def ls(app_spec: str | None, queues: Sequence[str], sample: int, url: str | None) -> None:
-    """Every DLQ of APP (or the --queue ones): messages, oldest failure, top error types."""
-    if app_spec is None and not queues:
-        fail("name an APP (module:attribute) or DLQs with --queue", EXIT_USAGE)
+def ls(
+    app_spec: str | None,
+    queues: Sequence[str],
+    sample: int,
+    management_url: str | None,
+    url: str | None,
+) -> None:
+    """Every DLQ of APP, of the management API or the --queue ones: messages, oldest failure,
+    top error types."""
+    if app_spec is None and not queues and not management_url:
+        fail("name an APP (module:attribute), --management-url or DLQs with --queue", EXIT_USAGE)
     app = load_app(app_spec, url) if app_spec is not None else None
     names = list(queues)
     if app is not None:
         names += [spec.name for spec in app.topology() if spec.role == "dlq"]
+    if management_url:
+        amqp_url = broker(url, app)[0][0]
+        vhost = urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).path[1:]) or "/"
+        try:
+            names += list_dlqs(management_url, vhost)
+        except ManagementError as exc:
+            fail(str(exc))
+    names = list(dict.fromkeys(names))
     summaries = with_broker(
         broker(url, app), lambda c: lib.summarize(c, names, sample=sample or None)
     )
