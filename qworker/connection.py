@@ -69,14 +69,18 @@ async def connect_once(
     failures = []
     untrusted = 0
     for url in urls:
+        connection = aio_pika.Connection(
+            aio_pika.connection.make_url(url),
+            ssl_context=context,
+            client_properties={"connection_name": name},
+        )
         try:
-            return await aio_pika.connect(
-                url,
-                ssl_context=context,
-                timeout=timeout,
-                client_properties={"connection_name": name},
-            )
+            await connection.connect(timeout=timeout)
+            return connection
         except CONNECT_ERRORS as exc:
+            # Mark the attempt closed: otherwise aio-pika's __del__ schedules a close that
+            # nobody awaits, and Python prints a RuntimeWarning on stderr at exit.
+            await close_quietly(connection)
             # aiormq wraps the ssl error in AMQPConnectionError
             untrusted += any(
                 isinstance(e, ssl.SSLCertVerificationError) for e in (exc, exc.__cause__)
