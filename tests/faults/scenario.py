@@ -98,8 +98,9 @@ class Scenario:
         """Dead-letter reasons a mode may end with under these faults, beyond its own."""
         allowed: dict[str, set[str]] = {}
         if "hang" in self.kinds:
-            # A message whose every attempt fell into hang windows times out for good.
-            for mode in ("ok", "transient", "hang", "exhausted"):
+            # A message whose every attempt fell into hang windows times out for good; the
+            # window hangs the handler before a permanent message gets to raise its error.
+            for mode in ("ok", "transient", "hang", "permanent", "exhausted"):
                 allowed[mode] = {"timeout", "retries_exhausted"}
         return allowed
 
