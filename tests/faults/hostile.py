@@ -23,26 +23,7 @@ from qworker import headers as h
 T = TypeVar("T")
 
 SUFFIXES = ("json", "model", "text", "bytes")
-QWORKER_HEADERS = sorted(
-    {
-        h.ATTEMPT,
-        h.FIRST_FAILURE_AT,
-        h.LAST_FAILURE_AT,
-        h.ERROR_TYPE,
-        h.ERROR_MESSAGE,
-        h.ERROR_TRACEBACK,
-        h.CLASSIFICATION,
-        h.REASON,
-        h.QUEUE,
-        h.HANDLER,
-        h.ORIGINAL_EXCHANGE,
-        h.ORIGINAL_ROUTING_KEY,
-        h.WORKER,
-        h.HISTORY,
-        h.REPLAY_COUNT,
-        h.REPLAYED_AT,
-    }
-)
+QWORKER_HEADERS = sorted(h.NAMES)
 INT64 = 2**63 - 1
 #: Text that can be encoded as UTF-8 (no lone surrogates), as AMQP strings must be.
 _text = st.characters(exclude_categories=["Cs"])

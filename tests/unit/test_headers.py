@@ -35,26 +35,7 @@ RETRY_ORIGIN = h.Origin(
 T1 = "2024-05-01T10:00:00.000+00:00"
 T2 = "2024-05-01T10:00:02.500+00:00"
 
-OUR_NAMES = frozenset(
-    {
-        h.ATTEMPT,
-        h.FIRST_FAILURE_AT,
-        h.LAST_FAILURE_AT,
-        h.ERROR_TYPE,
-        h.ERROR_MESSAGE,
-        h.ERROR_TRACEBACK,
-        h.CLASSIFICATION,
-        h.REASON,
-        h.QUEUE,
-        h.HANDLER,
-        h.ORIGINAL_EXCHANGE,
-        h.ORIGINAL_ROUTING_KEY,
-        h.WORKER,
-        h.HISTORY,
-        h.REPLAY_COUNT,
-        h.REPLAYED_AT,
-    }
-)
+OUR_NAMES = h.NAMES
 HISTORY_KEYS = {"attempt", "at", "error_type", "error_message"}
 
 
