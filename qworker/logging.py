@@ -58,6 +58,8 @@ def configure_logging(log_format: LogFormat | None = None, level: str = "INFO") 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        # One write per line (message and newline together), so that the lines of several
+        # processes sharing stdout (the supervisor and its children) never interleave.
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),
         cache_logger_on_first_use=True,
     )
