@@ -30,7 +30,7 @@ from typing import Any
 
 import aio_pika
 
-from qworker import dlq
+from qworker import dlq, failures
 from qworker import headers as h
 from qworker.topology import declare, queue_specs
 
@@ -51,7 +51,7 @@ def dead_letter_headers(queue: str, i: int) -> dict[str, Any]:
     try:
         raise LookupError(f"customer {i} not found")
     except LookupError as exc:
-        error = h.ErrorInfo.from_exception(exc)
+        error = failures.ErrorInfo.from_exception(exc)
     origin = h.Origin(queue, "bench.replay:handle", "", queue, "bench:1")
     return h.failure_headers(
         {},

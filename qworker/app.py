@@ -28,9 +28,20 @@ from qworker.topology import DEFAULT_DELIVERY_LIMIT, QueueSpec, declare, queue_s
 class App:
     """A set of handlers sharing a broker and failure settings.
 
-    ``url`` is one AMQP URL or the list of a cluster's nodes (tried in order).
-    ``classify`` is an optional app-wide classifier (see :func:`qworker.classify.classify`)
-    and ``default`` the classification of exceptions nothing else recognises.
+    Args:
+        url: One AMQP URL, or the list of a cluster's nodes (tried in order).
+        name: The connection name the broker shows, and the prefix of the publishing
+            connection's name.
+        classify: An app-wide classifier, asked after the handler's own rules: returns
+            ``"transient"``, ``"permanent"`` or None (see :func:`qworker.classify.classify`).
+        default: The classification of exceptions nothing else recognises.
+        ssl_ca: A CA file to verify the broker's certificate with (``amqps://`` URLs).
+        confirm_timeout: Seconds :meth:`publish` waits for the broker's confirm before
+            raising ``PublishFailed``; copies of failed messages wait as long as the
+            channel lives and log ``publish.confirm_slow`` after this long.
+        declare: Declare the topology when a worker connects (needs ``configure``
+            permission). With False the worker only checks that every queue exists
+            and refuses to start otherwise (``qworker run --no-declare``).
     """
 
     def __init__(
@@ -42,6 +53,7 @@ class App:
         default: Literal["transient", "permanent"] = "transient",
         ssl_ca: str | None = None,
         confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
+        declare: bool = True,
     ) -> None:
         self.urls = normalise_urls(url)
         self.name = name
@@ -53,6 +65,8 @@ class App:
         self.default = Classification(default)
         self.ssl_ca = ssl_ca
         self.confirm_timeout = confirm_timeout
+        #: Whether workers declare the topology (False: they only check it exists).
+        self.declares = declare
         self.handlers: dict[str, Handler] = {}
         self.observers: list[Observer] = []
         self._hooks: HookRunner | None = None

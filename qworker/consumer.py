@@ -1,10 +1,15 @@
-"""The one place that acks, nacks, and moves failed messages with confirms.
+"""The consumer of one handler's queue: serve each delivery, then carry out its verdict.
 
-A :class:`Consumer` serves one handler queue on one channel. For each delivery
-it decodes the payload, runs the handler (see :mod:`qworker.execution`), and on
-failure publishes a copy (to a retry tier or the DLQ), waits for the broker's
-confirm, and only then acks the original. When the copy is not confirmed, it
-backs off and returns the original with ``basic.nack``.
+A :class:`Consumer` lives as long as its worker. On every (re)connect it opens a
+channel and starts a :class:`~qworker.gate.Gate` on it; when the broker closes
+that channel alone (a ``consumer_timeout``, a deleted queue, a refused publish)
+it opens a new one, with back-off, without touching the other queues.
+
+For each delivery it decodes the payload, runs the handler (see
+:mod:`qworker.runner`), asks :func:`qworker.verdict.judge` what that means, and
+:meth:`Consumer.apply` carries the verdict out. ``apply`` is the only caller of
+ack, nack, reject and publish-a-copy: a copy is published on the delivery's own
+channel with confirms, and the original is acked only after the broker confirmed it.
 """
 
 from __future__ import annotations
@@ -12,149 +17,247 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractConnection
 
 from qworker import headers as h
-from qworker.breaker import Circuit
-from qworker.classify import Action, Classification, Classifier, Decision, Reason, classify, decide
+from qworker.backoff import Backoff
+from qworker.classify import Classification, Classifier, Decision, classify, decide
 from qworker.context import PublishFunc
 from qworker.delivery import Delivery
 from qworker.events import CircuitState, Observer, Outcome, OutcomeKind, severity_of
-from qworker.execution import Run, Runner
-from qworker.flow import Gate, Route
+from qworker.failures import ErrorInfo, error_type_name
+from qworker.gate import CircuitControl, Gate
 from qworker.handler import Handler
 from qworker.publish import ConfirmedPublisher
-from qworker.retry import plan_retry, tier_name
-from qworker.topology import declare, dlq_name, retry_queue, retry_queue_name
+from qworker.runner import Runner
+from qworker.topology import declare, retry_queue
+from qworker.verdict import (
+    RETURNED_ON_STOP,
+    Ack,
+    Fallback,
+    Move,
+    Return,
+    Route,
+    Run,
+    Verdict,
+    judge,
+    tier_label,
+    wants_fallback,
+)
 
-_MAX_BACKOFF = 30.0
-_FALLBACK_REASONS = (Reason.RETRIES_EXHAUSTED, Reason.TIMEOUT)
-_NO_PAYLOAD = object()
+#: A delivery that hit a bug of ours goes back, counted, so that it cannot loop forever.
+RETURNED_AFTER_INTERNAL_ERROR = Return("message.returned", counted=True)
+#: A copy that could not be published: the original goes back, counted (see ``Return``).
+RETURNED_AFTER_FAILED_MOVE = Return("message.returned", counted=True)
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """App-wide settings the consumer applies to every handler."""
+    """App-wide settings the consumer applies to every handler.
+
+    Args:
+        classifier: The app's classifier (see :func:`qworker.classify.classify`).
+        default: The classification of exceptions no rule recognises.
+        worker_id: ``host:pid``, written to ``x-qworker-worker``.
+        observers: Receive every outcome and state change.
+        confirm_timeout: Seconds after which a copy still waiting for its confirm is
+            logged (``message.confirm_slow``); the wait itself goes on (see :meth:`Consumer.apply`).
+    """
 
     classifier: Classifier | None
     default: Classification
     worker_id: str
     observers: Sequence[Observer] = ()
+    confirm_timeout: float = 10.0
 
 
 class Consumer:
-    """Runs one handler for the deliveries of its queue."""
+    """Serves the deliveries of one handler's queue for the lifetime of a worker.
+
+    Args:
+        handler: The handler and its options.
+        policy: The app-wide settings.
+        publish: What ``ctx.publish`` calls (the app's confirmed publish).
+        concurrency: Handlers running at once.
+        prefetch: Unacked deliveries the broker sends ahead (at least ``concurrency``).
+    """
 
     def __init__(
         self,
         handler: Handler,
+        *,
         policy: Policy,
-        connection: AbstractConnection,
-        publisher: ConfirmedPublisher,
         publish: PublishFunc,
         concurrency: int,
-        circuit: Circuit | None = None,
+        prefetch: int,
     ) -> None:
         self.handler = handler
         self._policy = policy
-        self._connection = connection
-        self._publisher = publisher
+        self._prefetch = prefetch
         self._slots = asyncio.Semaphore(concurrency)
         self._tiers = set(handler.retry.tiers())
         self._log = structlog.get_logger("qworker").bind(queue=handler.queue, handler=handler.name)
-        self._runner = Runner(handler, self._retry_in_process, publish, self._log)
-        self._circuit = circuit
+        self._runner = Runner(handler, self._decide, publish, self._log)
+        self._observers = tuple(policy.observers)
+        # Breaker state outlives channels and reconnects: a dependency is not fixed by a
+        # new connection, and handlers of an old channel report to the same control.
+        self._circuit = (
+            CircuitControl(handler.breaker, handler.fallback is not None, self._circuit_changed)
+            if handler.breaker is not None
+            else None
+        )
+        self._moves = Backoff(first=0.5, ceiling=30.0)
+        self._reopens = Backoff(first=0.5, ceiling=30.0, jitter=0.2)
+        self._connection: AbstractConnection | None = None
         self._gate: Gate | None = None
+        self._reopening: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self._publish_failures = 0
-        self._resume_at = 0.0
-        self._observers = tuple(policy.observers)
         self.in_flight = 0
+
+    # Channel lifecycle
 
     @property
     def consuming(self) -> bool:
         """A consumer is attached to the queue (false while the breaker holds it off)."""
         return self._gate is not None and self._gate.consuming
 
-    async def start(self, channel: AbstractChannel, prefetch: int) -> None:
-        """Start consuming the handler's queue on ``channel``."""
-        self._gate = Gate(
-            channel,
-            self.handler.queue,
-            prefetch,
-            self._circuit,
-            self.handler.fallback is not None,
-            self._circuit_changed,
-        )
-        await self._gate.start(self.on_message)
+    @property
+    def ready(self) -> bool:
+        """Consuming, or deliberately paused by an open breaker."""
+        if self._gate is None or self._gate.channel.is_closed:
+            return False
+        paused = self._circuit is not None and self._circuit.state is not CircuitState.CLOSED
+        return self._gate.consuming or paused
+
+    async def attach(self, connection: AbstractConnection) -> None:
+        """Open a channel on ``connection`` and consume (on every connect of the worker)."""
+        self._connection = connection
+        await self._open(connection)
+
+    def detach(self) -> None:
+        """The worker lost the connection: forget it (no channel is reopened on it)."""
+        self._connection = None
+        if self._gate is not None and self._circuit is not None:
+            self._circuit.detach(self._gate)
+        self._gate = None
+
+    async def _open(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel(publisher_confirms=True)
+        publisher = ConfirmedPublisher(channel, self._policy.confirm_timeout)
+        gate = Gate(channel, publisher, self.handler.queue, self._prefetch, self.on_message)
+        channel.close_callbacks.add(lambda _channel, exc: self._closed(gate, connection, exc))
+        self._gate = gate
+        if self._circuit is not None:
+            await self._circuit.attach(gate)
+        else:
+            await gate.consume()
+
+    def _closed(
+        self, gate: Gate, connection: AbstractConnection, exc: BaseException | None
+    ) -> None:
+        """A channel closed: if the broker closed it alone, open another one (with back-off).
+
+        Its unacked deliveries go back to the queue (the broker returns them); handlers
+        still running on it finish, and their settlement is logged as lost.
+        """
+        if self._gate is not gate:
+            return
+        if self._circuit is not None:
+            self._circuit.detach(gate)
+        self._gate = None
+        if self._stopping or self._connection is not connection:
+            return
+        self._log.warning("channel.closed", reason=str(exc) if exc else None, reopening=True)
+        if self._reopening is None or self._reopening.done():
+            self._reopening = asyncio.create_task(self._reopen(connection))
+
+    async def _reopen(self, connection: AbstractConnection) -> None:
+        while not self._stopping and self._gate is None:
+            await asyncio.sleep(self._reopens.failed(time.monotonic()))
+            if self._connection is not connection or connection.is_closed:
+                return  # the worker reconnects and attaches again
+            try:
+                await self._open(connection)
+            except Exception as exc:
+                self._gate = None
+                self._log.warning("channel.reopen_failed", error=str(exc))
+                continue
+            self._log.info("channel.reopened")
+        self._reopens.succeeded()
 
     # Delivery lifecycle
 
-    def on_message(self, message: Delivery) -> None:
+    def on_message(self, message: Delivery, gate: Gate) -> None:
         """Hand the delivery to a task of our own.
 
         aiormq cancels its consumer tasks when the channel closes; our own task
         lets a running handler finish after a connection loss.
         """
-        task = asyncio.create_task(self._guarded(message))
+        task = asyncio.create_task(self._guarded(message, gate))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _guarded(self, message: Delivery) -> None:
+    async def _guarded(self, message: Delivery, gate: Gate) -> None:
         async with self._slots:
             if self._stopping:
-                await self._settle(message, requeue=True, event="message.returned_on_stop")
+                await self.apply(message, gate, RETURNED_ON_STOP)
                 return
-            if (pause := self._resume_at - time.monotonic()) > 0:
+            if not message.channel_open:
+                return  # its channel closed while it waited: the broker has it back already
+            if (pause := self._moves.remaining(time.monotonic())) > 0:
                 await asyncio.sleep(pause)
             self._count_in_flight(+1)
             try:
-                await self._process(message)
+                route, run = await self._serve(message)
+                verdict = judge(
+                    route,
+                    run,
+                    self.handler,
+                    self._origin(message),
+                    message.headers,
+                    random_fraction=random.random(),
+                )
+                await self.apply(message, gate, verdict, run)
             except asyncio.CancelledError:
                 # Grace period over: the handler did not finish; give the message back.
-                await asyncio.shield(
-                    self._settle(message, requeue=True, event="message.returned_on_stop")
-                )
+                await asyncio.shield(self.apply(message, gate, RETURNED_ON_STOP))
                 raise
             except Exception:
                 # A bug of ours must not kill the consumer nor lose the message.
                 self._log.exception("message.internal_error", message_id=message.message_id)
-                await self._settle(message, requeue=True, event="message.returned")
+                await self.apply(message, gate, RETURNED_AFTER_INTERNAL_ERROR)
             finally:
                 self._count_in_flight(-1)
 
-    async def _process(self, message: Delivery) -> None:
+    async def _serve(self, message: Delivery) -> tuple[Route, Run | None]:
+        """Decode, pass the gate, run the handler (and its fallback when it applies)."""
         handler = self.handler
         failed_before = h.read_attempt(message.headers)
+        attempt = failed_before + 1
         try:
             payload = handler.decode(message.body, message.content_type, message.content_encoding)
         except Exception as exc:
-            await self._fail(message, Run(failed_before + 1, exc, 0.0))
-            return
-        route = self._gate.route() if self._gate is not None else Route.PRIMARY
+            return Route.PRIMARY, Run(attempt, exc, 0.0, self._decide(exc, attempt))
+        circuit = self._circuit
+        route = circuit.route() if circuit is not None else Route.PRIMARY
         if route is Route.RETURN:
-            await self._settle(message, requeue=True, event="message.returned_circuit_open")
-            return
+            return route, None
         if route is Route.FALLBACK:
-            await self._fallback(message, payload, Run(failed_before + 1, None, 0.0))
-            return
+            return route, await self._fallback(payload, message, Run(attempt, None, 0.0))
         run = await self._runner.run(payload, message, failed_before)
-        self._count_for_breaker(run, probe=route is Route.PROBE)
-        if run.error is not None:
-            await self._fail(message, run, payload)
-            return
-        await self._settle(message, event="message.succeeded")
-        if self._observers:
-            self._emit_success(message, run)
+        if circuit is not None:
+            self._count_for_breaker(circuit, run, probe=route is Route.PROBE)
+        if wants_fallback(run, handler):
+            run = await self._fallback(payload, message, run)
+        return route, run
 
-    async def _fallback(self, message: Delivery, payload: Any, run: Run) -> bool:
-        """Serve ``message`` with the fallback; False (nothing settled) if the fallback failed."""
+    async def _fallback(self, payload: object, message: Delivery, run: Run) -> Run:
+        """Serve with the fallback; a failure of a breaker-sent one fails like the handler."""
         fallback = self.handler.fallback
         assert fallback is not None
         try:
@@ -163,34 +266,152 @@ class Consumer:
             self._log.error(
                 "message.fallback_failed",
                 message_id=message.message_id,
-                error=f"{h.error_type_name(exc)}: {h.ErrorInfo.from_exception(exc).message}",
+                error=f"{error_type_name(exc)}: {ErrorInfo.from_exception(exc).message}",
             )
-            if run.error is None:  # the breaker sent it here: it fails like a handler would
-                await self._fail(message, Run(run.attempt, exc, run.duration), _NO_PAYLOAD)
-                return True
-            return False
-        await self._settle(message, event=None)
-        self._log.info("message.fallback_served", message_id=message.message_id)
-        if self._observers:
-            self._emit_success(message, run)
-        return True
+            if run.error is None:  # the breaker sent it here
+                decision = self._decide(exc, run.attempt)
+                return Run(run.attempt, exc, run.duration, decision, fallback=Fallback.FAILED)
+            run.fallback = Fallback.FAILED
+            return run
+        run.fallback = Fallback.SERVED
+        return run
 
-    def _retry_in_process(self, exc: BaseException, attempt: int) -> bool:
-        decision = self._decide(exc, attempt)
-        return decision.action is Action.RETRY and decision.requested_delay is None
+    def _decide(self, exc: Exception, attempt: int) -> Decision:
+        """Classify a failure: the only call of the user's classifier."""
+        handler = self.handler
+        classification = classify(
+            exc,
+            permanent=handler.permanent,
+            transient=handler.transient,
+            classifier=self._policy.classifier,
+            default=self._policy.default,
+        )
+        return decide(exc, classification, attempt, handler.retry.max_attempts)
+
+    def _origin(self, message: Delivery) -> h.Origin:
+        return h.Origin(
+            queue=self.handler.queue,
+            handler=self.handler.name,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            worker=self._policy.worker_id,
+        )
+
+    # Applying a verdict: the only ack, nack, reject and publish of a copy
+
+    async def apply(
+        self, message: Delivery, gate: Gate, verdict: Verdict, run: Run | None = None
+    ) -> None:
+        """Carry out ``verdict`` for ``message``, which came through ``gate``."""
+        if isinstance(verdict, Ack):
+            if await self._settle(message, "ack"):
+                if verdict.event == "message.succeeded":
+                    self._log.debug(verdict.event, message_id=message.message_id)
+                else:
+                    self._log.info(verdict.event, message_id=message.message_id)
+                if self._observers and run is not None:
+                    self._emit_success(message, run)
+        elif isinstance(verdict, Return):
+            if await self._settle(message, "reject" if verdict.counted else "nack"):
+                self._log.debug(verdict.event, message_id=message.message_id)
+        else:
+            assert run is not None
+            await self._move(message, gate, verdict, run)
+
+    async def _move(self, message: Delivery, gate: Gate, move: Move, run: Run) -> None:
+        """Publish the copy on the delivery's channel, wait for its confirm, then ack.
+
+        The confirm is awaited as long as the channel lives (a broker in a memory alarm
+        blocks publishers: that is waiting, not failing); giving the original back while
+        the copy may still be confirmed would duplicate it. A refused or unroutable copy
+        pauses the queue (back-off) and gives the original back, counted.
+        """
+        log = self._log.bind(
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            attempt=run.attempt,
+            error_type=move.error.error_type,
+            error_message=move.error.message,
+            classification=move.decision.classification.value,
+        )
+        if not message.channel_open:
+            log.warning("message.settle_lost", action="move", note=_REDELIVERED)
+            return
+        properties = message.copy_properties(move.headers, move.expiration_ms)
+        try:
+            if move.tier_ms is not None and move.tier_ms not in self._tiers:
+                await self._declare_tier(gate, move.tier_ms)
+            await gate.publisher.publish_body(message.body, properties, move.target, patient=True)
+        except Exception as exc:  # PublishFailed, or the tier could not be declared
+            pause = self._moves.failed(time.monotonic())
+            log.error("message.move_failed", target=move.target, error=str(exc), backoff=pause)
+            await asyncio.sleep(pause)
+            await self.apply(message, gate, RETURNED_AFTER_FAILED_MOVE)
+            return
+        self._moves.succeeded()
+        await self._settle(message, "ack")
+        reason = move.decision.reason.value if move.decision.reason else None
+        if move.kind is OutcomeKind.RETRIED:
+            log.warning("message.retry_scheduled", delay=move.wait_seconds, tier=move.target)
+        else:
+            log.error("message.dead_lettered", reason=reason, dlq=move.target)
+        if self._observers:
+            self._emit(
+                Outcome(
+                    move.kind,
+                    self.handler.queue,
+                    self.handler.name,
+                    message.message_id,
+                    run.attempt,
+                    run.duration,
+                    severity=severity_of(move.kind, reason, self.handler.severity),
+                    error_type=move.error.error_type,
+                    error_message=move.error.message,
+                    classification=move.decision.classification.value,
+                    reason=reason,
+                    tier=tier_label(move),
+                )
+            )
+
+    async def _declare_tier(self, gate: Gate, tier_ms: int) -> None:
+        """Declare a tier outside the policy (from ``Retry(delay=...)``) before the first use."""
+        connection = self._connection
+        if connection is None:
+            raise ConnectionError("no connection to declare the retry tier on")
+        spec = retry_queue(self.handler.queue, tier_ms, self.handler.queue_type)
+        await declare(connection, [spec])
+        self._tiers.add(tier_ms)
+
+    async def _settle(self, message: Delivery, action: str) -> bool:
+        """``ack``, ``nack`` (requeue) or ``reject`` (requeue); False when the channel is gone
+        (the broker redelivers the message)."""
+        try:
+            if action == "ack":
+                await message.ack()
+            elif action == "nack":
+                await message.nack(requeue=True)
+            else:
+                await message.reject()
+        except Exception as exc:
+            self._log.warning(
+                "message.settle_lost",
+                message_id=message.message_id,
+                action=action,
+                error=repr(exc),
+                note=_REDELIVERED,
+            )
+            return False
+        return True
 
     # Circuit breaker
 
-    def _count_for_breaker(self, run: Run, *, probe: bool) -> None:
-        gate = self._gate
-        if gate is None or self._circuit is None:
-            return
+    def _count_for_breaker(self, circuit: CircuitControl, run: Run, *, probe: bool) -> None:
         if run.error is None:
-            gate.record(True, probe=probe)
-        elif self._decide(run.error, run.attempt).classification is Classification.TRANSIENT:
-            gate.record(False, probe=probe)
+            circuit.record(True, probe=probe)
+        elif run.decision is not None and run.decision.classification is Classification.TRANSIENT:
+            circuit.record(False, probe=probe)
         elif probe:
-            gate.probe_settled()
+            circuit.probe_settled()
 
     def _circuit_changed(self, state: CircuitState) -> None:
         self._log.warning(f"circuit.{state.value}", state=state.value)
@@ -230,172 +451,15 @@ class Consumer:
             )
         )
 
-    # Failure path
-
-    def _decide(self, exc: BaseException, attempt: int) -> Decision:
-        handler = self.handler
-        classification = classify(
-            exc,
-            permanent=handler.permanent,
-            transient=handler.transient,
-            classifier=self._policy.classifier,
-            default=self._policy.default,
-        )
-        return decide(exc, classification, attempt, handler.retry.max_attempts)
-
-    async def _fail(self, message: Delivery, run: Run, payload: Any = _NO_PAYLOAD) -> None:
-        """Retry or dead-letter ``message`` after ``run`` failed (fallback first, if it applies)."""
-        exc = run.error
-        assert exc is not None
-        attempt = run.attempt
-        decision = self._decide(exc, attempt)
-        if (
-            decision.reason in _FALLBACK_REASONS
-            and self.handler.fallback is not None
-            and payload is not _NO_PAYLOAD
-            and await self._fallback(message, payload, run)
-        ):
-            return
-        error = h.ErrorInfo.from_exception(exc)
-        log = self._log.bind(
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            attempt=attempt,
-            error_type=error.error_type,
-            error_message=error.message,
-            classification=decision.classification.value,
-        )
-        origin = h.Origin(
-            queue=self.handler.queue,
-            handler=self.handler.name,
-            exchange=message.exchange or "",
-            routing_key=message.routing_key or "",
-            worker=self._policy.worker_id,
-        )
-        incoming: dict[str, Any] = dict(message.headers or {})
-        if run.earlier:
-            incoming[h.HISTORY] = [
-                *(f.to_header() for f in h.read_history(incoming)),
-                *(f.to_header() for f in run.earlier),
-            ]
-        reason = decision.reason.value if decision.reason else None
-        new_headers = h.failure_headers(
-            incoming,
-            error=error,
-            attempt=attempt,
-            classification=decision.classification.value,
-            origin=origin,
-            reason=reason,
-        )
-        if decision.action is Action.RETRY:
-            plan = plan_retry(
-                self.handler.retry,
-                attempt,
-                requested_delay=decision.requested_delay,
-                random_fraction=random.random(),
-            )
-            target = retry_queue_name(self.handler.queue, plan.tier_ms)
-            moved = await self._move(
-                message,
-                target,
-                new_headers,
-                plan.expiration_ms,
-                log,
-                lambda: self._ensure_tier(plan.tier_ms),
-            )
-            if not moved:
-                return
-            log.warning("message.retry_scheduled", delay=plan.wait_seconds, tier=target)
-            kind, tier = OutcomeKind.RETRIED, tier_name(plan.tier_ms)
-        else:
-            target = dlq_name(self.handler.queue)
-            if not await self._move(message, target, new_headers, None, log, None):
-                return
-            log.error("message.dead_lettered", reason=reason, dlq=target)
-            kind, tier = OutcomeKind.DEAD_LETTERED, None
-        if self._observers:
-            self._emit(
-                Outcome(
-                    kind,
-                    self.handler.queue,
-                    self.handler.name,
-                    message.message_id,
-                    attempt,
-                    run.duration,
-                    severity=severity_of(kind, reason, self.handler.severity),
-                    error_type=error.error_type,
-                    error_message=error.message,
-                    classification=decision.classification.value,
-                    reason=reason,
-                    tier=tier,
-                )
-            )
-
-    async def _ensure_tier(self, tier_ms: int) -> None:
-        if tier_ms not in self._tiers:
-            await declare(
-                self._connection,
-                [retry_queue(self.handler.queue, tier_ms, self.handler.queue_type)],
-            )
-            self._tiers.add(tier_ms)
-
-    async def _move(
-        self,
-        message: Delivery,
-        target: str,
-        new_headers: dict[str, Any],
-        expiration_ms: int | None,
-        log: structlog.typing.FilteringBoundLogger,
-        prepare: Callable[[], Awaitable[None]] | None,
-    ) -> bool:
-        """Publish the copy to ``target`` with confirms, then ack; on doubt back off and nack."""
-        properties = message.copy_properties(new_headers, expiration_ms)
-        try:
-            if prepare is not None:
-                await prepare()
-            await self._publisher.publish_body(message.body, properties, target)
-        except Exception as exc:  # PublishFailed, or the tier could not be declared
-            now = time.monotonic()
-            if now >= self._resume_at:
-                # Concurrent failures within one pause are one outage, not a longer one:
-                # only a failure after the pause has run out doubles the next pause.
-                self._publish_failures += 1
-            pause = min(_MAX_BACKOFF, 0.5 * 2 ** (self._publish_failures - 1))
-            self._resume_at = max(self._resume_at, now + pause)
-            log.error("message.move_failed", target=target, error=str(exc), backoff=pause)
-            await asyncio.sleep(pause)
-            await self._settle(message, requeue=True, event="message.returned")
-            return False
-        self._publish_failures = 0
-        await self._settle(message, event=None)
-        return True
-
-    async def _settle(
-        self, message: Delivery, *, requeue: bool | None = None, event: str | None
-    ) -> None:
-        """Ack (``requeue`` None) or nack; a lost channel means the broker redelivers it."""
-        try:
-            if requeue is None:
-                await message.ack()
-            else:
-                await message.nack(requeue=requeue)
-        except Exception as exc:
-            self._log.warning(
-                "message.settle_lost",
-                message_id=message.message_id,
-                action="ack" if requeue is None else "nack",
-                error=repr(exc),
-                note="channel closed; the broker will redeliver the message",
-            )
-            return
-        if event is not None:
-            self._log.debug(event, message_id=message.message_id)
-
     # Stopping
 
     async def stop_taking(self) -> None:
         """Cancel the consumer; deliveries not yet started are returned instead of run."""
         self._stopping = True
+        if self._circuit is not None:
+            self._circuit.stop()
+        if self._reopening is not None:
+            self._reopening.cancel()
         if self._gate is not None:
             await self._gate.stop()
 
@@ -410,3 +474,6 @@ class Consumer:
         if still:
             await asyncio.wait(still, timeout=5)
         return len(still)
+
+
+_REDELIVERED = "channel closed; the broker will redeliver the message"

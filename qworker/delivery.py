@@ -51,6 +51,11 @@ class Delivery:
     def content_encoding(self) -> str | None:
         return self.properties.content_encoding
 
+    @property
+    def channel_open(self) -> bool:
+        """The channel it came on is open: settling it can still work."""
+        return not self._channel.is_closed
+
     async def ack(self) -> None:
         """``basic.ack``; acks are not confirmed by AMQP, so the write is not awaited."""
         await self._channel.basic_ack(self.delivery_tag, wait=False)
@@ -58,6 +63,11 @@ class Delivery:
     async def nack(self, *, requeue: bool = True) -> None:
         """``basic.nack`` (requeue by default): not a failed delivery on RabbitMQ 4.3+."""
         await self._channel.basic_nack(self.delivery_tag, requeue=requeue, wait=False)
+
+    async def reject(self) -> None:
+        """``basic.reject`` with requeue: a failed delivery on every RabbitMQ version
+        (a quorum queue counts it toward ``x-delivery-limit``)."""
+        await self._channel.basic_reject(self.delivery_tag, requeue=True, wait=False)
 
     def copy_properties(
         self, headers: dict[str, Any], expiration_ms: int | None

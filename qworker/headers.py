@@ -8,15 +8,20 @@ grow a message without bound nor survive into a dead letter as if it were ours.
 
 from __future__ import annotations
 
-import linecache
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from types import FrameType
+from datetime import datetime, timedelta
 from typing import Any
 
-from qworker.redact import redact
+from qworker.failures import (
+    HISTORY_MESSAGE_LIMIT,
+    MESSAGE_LIMIT,
+    TRACEBACK_LIMIT,
+    ErrorInfo,
+    Failure,
+    now_iso,
+    truncate,
+)
 
 PREFIX = "x-qworker-"
 ATTEMPT = "x-qworker-attempt"
@@ -62,150 +67,12 @@ NAMES = FAILURE_HEADERS | {
     REPLAYED_AT,
 }
 
-MESSAGE_LIMIT = 2 * 1024
-TRACEBACK_LIMIT = 16 * 1024
-HISTORY_MESSAGE_LIMIT = 512
 HISTORY_LENGTH = 10
 NAME_LIMIT = 255
 TOTAL_LIMIT = 64 * 1024
 #: Forged attempt counts are clamped to this; far above any sane max_attempts.
 ATTEMPT_LIMIT = 1_000_000
 _MAX_DEPTH = 32
-_TRUNCATED = "...[truncated]"
-
-
-def now_iso() -> str:
-    """The current UTC time as ISO 8601 with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def truncate(text: str, limit: int, *, keep_tail: bool = False) -> str:
-    """Cut ``text`` to at most ``limit`` UTF-8 bytes, marking the cut."""
-    data = text.encode("utf-8", "replace")
-    if len(data) <= limit:
-        return data.decode("utf-8")  # lone surrogates became "?": AMQP needs valid UTF-8
-    room = max(0, limit - len(_TRUNCATED))
-    if keep_tail:
-        return _TRUNCATED + data[-room:].decode("utf-8", "ignore")
-    return data[:room].decode("utf-8", "ignore") + _TRUNCATED
-
-
-def error_type_name(exc: BaseException) -> str:
-    """The fully qualified class name, e.g. ``builtins.KeyError``."""
-    cls = type(exc)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _message(exc: BaseException) -> str:
-    """``str(exc)``, or a placeholder when the exception's ``__str__`` itself fails."""
-    try:
-        return str(exc)
-    except Exception:
-        return f"<str() of {error_type_name(exc)} failed>"
-
-
-_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
-_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"
-_FRAMES_KEPT = (10, 30)  # first and last frames of a very deep traceback
-
-
-def format_traceback(exc: BaseException) -> str:
-    """The traceback of ``exc`` with its chained causes, laid out like the interpreter's.
-
-    Unlike :func:`traceback.format_exception` on Python 3.11+, no ``^^^^`` lines:
-    computing them parses every frame's source line, which made formatting the
-    most expensive step of a failure. Very deep tracebacks keep their first and
-    last frames.
-    """
-    chain: list[tuple[BaseException, str]] = []
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    link = ""
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        chain.append((current, link))
-        if current.__cause__ is not None:
-            current, link = current.__cause__, _CAUSE
-        elif current.__context__ is not None and not current.__suppress_context__:
-            current, link = current.__context__, _CONTEXT
-        else:
-            current = None
-    parts: list[str] = []
-    for error, link in reversed(chain):
-        parts.extend(_format_one(error))
-        parts.append(link)
-    return "".join(parts)
-
-
-def _format_one(exc: BaseException) -> list[str]:
-    lines: list[str] = []
-    if exc.__traceback__ is not None:
-        # Read frames directly: StackSummary.extract stats every source file (checkcache).
-        frames = list(traceback.walk_tb(exc.__traceback__))
-        head, tail = _FRAMES_KEPT
-        omitted = len(frames) - head - tail
-        shown: list[tuple[FrameType, int] | None] = list(frames)
-        if omitted > 0:
-            shown = [*frames[:head], None, *frames[-tail:]]
-        lines.append("Traceback (most recent call last):\n")
-        for entry in shown:
-            if entry is None:
-                lines.append(f"  ... {omitted} frames omitted ...\n")
-                continue
-            frame, lineno = entry
-            code = frame.f_code
-            lines.append(f'  File "{code.co_filename}", line {lineno}, in {code.co_name}\n')
-            source = linecache.getline(code.co_filename, lineno, frame.f_globals).strip()
-            if source:
-                lines.append(f"    {source}\n")
-    try:
-        lines.extend(traceback.format_exception_only(type(exc), exc))
-    except Exception:  # an exception whose __str__ raises
-        lines.append(f"{error_type_name(exc)}: <unprintable>\n")
-    return lines
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorInfo:
-    """A failure, redacted and capped, ready to be written to headers and logs."""
-
-    error_type: str
-    message: str
-    traceback: str
-
-    @classmethod
-    def from_exception(cls, exc: BaseException) -> ErrorInfo:
-        """Capture ``exc`` with its chained causes."""
-        formatted = format_traceback(exc)
-        return cls(
-            error_type=error_type_name(exc),
-            message=truncate(redact(_message(exc)), MESSAGE_LIMIT),
-            traceback=truncate(redact(formatted), TRACEBACK_LIMIT, keep_tail=True),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """One entry of ``x-qworker-history``."""
-
-    attempt: int
-    at: str
-    error_type: str
-    error_message: str
-
-    @classmethod
-    def from_exception(cls, attempt: int, exc: BaseException) -> Failure:
-        """A history entry for ``exc`` (no traceback), redacted and capped."""
-        message = truncate(redact(_message(exc)), HISTORY_MESSAGE_LIMIT)
-        return cls(attempt, now_iso(), error_type_name(exc), message)
-
-    def to_header(self) -> dict[str, Any]:
-        return {
-            "attempt": self.attempt,
-            "at": self.at,
-            "error_type": self.error_type,
-            "error_message": self.error_message,
-        }
 
 
 # Readers: any input, safe output.

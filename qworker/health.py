@@ -156,14 +156,16 @@ def _encode(response: Response, head_only: bool) -> bytes:
 def worker_routes(worker: Worker, render_metrics: Callable[[], bytes] | None) -> dict[str, Route]:
     """Routes of a single worker process.
 
-    ``/healthz``: 200 while the connection is open with a consumer on every queue.
-    ``/readyz``: 200 while :meth:`Worker.health` says ready (not while connecting or draining).
+    ``/healthz`` (liveness): 200 whenever the worker's event loop answers. A lost broker
+    or an open circuit breaker is not a reason to restart the process: a restart fixes
+    neither, and it would reset the breaker.
+    ``/readyz`` (readiness): 200 while :meth:`Worker.health` says ready: connected, every
+    queue consumed or deliberately paused by an open breaker (not while connecting or
+    draining).
     """
 
     async def healthz() -> Response:
-        facts = worker.health()
-        alive = bool(facts["connected"]) and facts["consumers"] == len(facts["queues"])
-        return Response.check(alive, facts)
+        return Response.check(True, worker.health())
 
     async def readyz() -> Response:
         facts = worker.health()

@@ -16,6 +16,7 @@ from typing import Any, cast
 import aio_pika
 import aiormq
 import pydantic
+import structlog
 from aio_pika.abc import AbstractChannel, DeliveryMode
 from aiormq.abc import DeliveredMessage
 
@@ -51,8 +52,22 @@ class ConfirmedPublisher:
         routing_key: str,
         *,
         exchange: str = "",
+        patient: bool = False,
     ) -> None:
-        """Publish ``body`` with ``properties`` (mandatory) and wait for the broker's ack."""
+        """Publish ``body`` with ``properties`` (mandatory) and wait for the broker's ack.
+
+        Args:
+            body: The message body.
+            properties: Its properties (a message id is added when missing).
+            routing_key: The queue, or the routing key on ``exchange``.
+            exchange: The exchange; the default exchange routes by queue name.
+            patient: Wait for the confirm as long as the channel lives, logging
+                ``publish.confirm_slow`` once the timeout has passed, instead of failing at
+                the timeout. For copies: failing would give the original back while the
+                copy may still be confirmed (a broker in a memory alarm confirms late),
+                which duplicates the message. The broker confirms, refuses, or closes the
+                channel; heartbeats detect a dead connection.
+        """
         if properties.message_id is None:
             properties.message_id = uuid.uuid4().hex
         key = properties.message_id
@@ -61,7 +76,7 @@ class ConfirmedPublisher:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = done
         try:
-            await self._publish(body, properties, routing_key, exchange)
+            await self._publish(body, properties, routing_key, exchange, patient)
         finally:
             del self._in_flight[key]
             done.set_result(None)
@@ -72,8 +87,14 @@ class ConfirmedPublisher:
         properties: aiormq.spec.Basic.Properties,
         routing_key: str,
         exchange: str,
+        patient: bool,
     ) -> None:
         where = f"exchange {exchange!r} routing key {routing_key!r}"
+        slow = (
+            asyncio.get_running_loop().call_later(self._timeout, _log_slow, where)
+            if patient
+            else None
+        )
         try:
             # The concrete channel: the abstract one does not declare ``wait``.
             underlay = cast(aiormq.Channel, await self.channel.get_underlay_channel())
@@ -83,7 +104,7 @@ class ConfirmedPublisher:
                 routing_key=routing_key,
                 properties=properties,
                 mandatory=True,
-                timeout=self._timeout,
+                timeout=None if patient else self._timeout,
                 # The broker's confirm is what we wait for; waiting for the socket write
                 # first only adds a round through the event loop.
                 wait=False,
@@ -94,8 +115,11 @@ class ConfirmedPublisher:
             raise PublishFailed(f"broker refused the message ({where}): {exc!r}") from None
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishFailed(f"channel lost while publishing to {where}: {exc!r}") from None
-        except (TypeError, ValueError) as exc:  # pamqp could not encode a property or header
+        except (TypeError, ValueError, OverflowError) as exc:  # pamqp could not encode it
             raise PublishFailed(f"cannot encode the message for {where}: {exc}") from None
+        finally:
+            if slow is not None:
+                slow.cancel()
         if isinstance(result, DeliveredMessage):
             raise PublishFailed(f"unroutable: no queue for {where}")
         if not isinstance(result, aiormq.spec.Basic.Ack):
@@ -130,4 +154,12 @@ def build_message(
         message_id=message_id or str(uuid.uuid4()),
         correlation_id=correlation_id,
         timestamp=datetime.now(UTC),
+    )
+
+
+def _log_slow(where: str) -> None:
+    structlog.get_logger("qworker").warning(
+        "publish.confirm_slow",
+        target=where,
+        note="still waiting for the broker's confirm (a memory or disk alarm blocks publishers)",
     )

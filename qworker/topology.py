@@ -107,9 +107,11 @@ def queue_specs(
 
 
 async def declare(connection: aio_pika.abc.AbstractConnection, specs: list[QueueSpec]) -> None:
-    """Declare ``specs`` durably; a queue that exists with other arguments is a clear error.
+    """Declare ``specs`` durably; a queue that exists with other arguments is a clear error,
+    and so is a user without ``configure`` permission (it would fail the same way every time).
 
-    Each declaration gets its own channel because a failed declaration closes it.
+    Raises:
+        ConfigurationError: arguments differ, or the user may not declare the queue.
     """
     channel = await connection.channel(publisher_confirms=False)
     try:
@@ -121,9 +123,46 @@ async def declare(connection: aio_pika.abc.AbstractConnection, specs: list[Queue
                     f"queue {spec.name!r} already exists with different arguments "
                     f"({_reply_text(exc)}); delete it or declare it with matching settings"
                 ) from None
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise ConfigurationError(
+                    f"not allowed to declare queue {spec.name!r} ({_reply_text(exc)}): grant "
+                    "the user configure permission, or pre-declare the topology "
+                    "(qworker topology APP) and run with --no-declare"
+                ) from None
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+async def check(connection: aio_pika.abc.AbstractConnection, specs: list[QueueSpec]) -> None:
+    """Check that every queue of ``specs`` exists, without declaring (for ``declare=False``).
+
+    A passive declare needs no ``configure`` permission on RabbitMQ 3.x; it cannot see a
+    queue's arguments, so only missing queues are found here.
+
+    Raises:
+        ConfigurationError: a queue is missing (every missing one is named).
+    """
+    missing: list[str] = []
+    for spec in specs:
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.declare_queue(spec.name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            missing.append(spec.name)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise ConfigurationError(
+                f"not allowed to check queue {spec.name!r} ({_reply_text(exc)})"
+            ) from None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+    if missing:
+        raise ConfigurationError(
+            "declare=False, but these queues do not exist: "
+            + ", ".join(repr(name) for name in missing)
+            + "; declare them (qworker topology APP shows their arguments) or drop --no-declare"
+        )
 
 
 def _reply_text(exc: aiormq.exceptions.AMQPError) -> str:

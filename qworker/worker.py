@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiormq
@@ -11,16 +13,18 @@ import structlog
 from aio_pika.abc import AbstractConnection
 
 from qworker.app import App
-from qworker.breaker import Circuit
+from qworker.backoff import Backoff
 from qworker.connection import CONNECT_ERRORS, close_quietly, connect
 from qworker.consumer import Consumer, Policy
+from qworker.errors import ConfigurationError
 from qworker.logging import configure_logging
-from qworker.publish import ConfirmedPublisher
 from qworker.redact import mask_url
-from qworker.topology import declare
+from qworker.topology import check, declare
 
 DEFAULT_CONCURRENCY = 10
 DEFAULT_GRACE = 30.0
+#: A connection lost sooner than this after it was set up counts as a failed round (back-off).
+STABLE_SECONDS = 10.0
 _LOSS_ERRORS: tuple[type[BaseException], ...] = (*CONNECT_ERRORS, aiormq.exceptions.AMQPError)
 
 
@@ -55,12 +59,23 @@ class Worker:
         #: Connections established so far (1 after start; more after reconnects).
         self.connections = 0
         self._stop = asyncio.Event()
-        self._consumers: list[Consumer] = []
         self._log = structlog.get_logger("qworker")
-        self._policy = Policy(app.classifier, app.default, app.worker_id, app.observers)
+        policy = Policy(
+            app.classifier, app.default, app.worker_id, app.observers, app.confirm_timeout
+        )
+        # One consumer per queue for the worker's lifetime: it re-attaches on every connect.
+        self._consumers = [
+            Consumer(
+                handler,
+                policy=policy,
+                publish=app.publish,
+                concurrency=concurrency,
+                prefetch=self.prefetch,
+            )
+            for handler in self.handlers
+        ]
         self._connection: AbstractConnection | None = None
-        # Breaker state outlives reconnects: a dependency is not fixed by a new connection.
-        self._circuits = {h.queue: Circuit(h.breaker) for h in self.handlers if h.breaker}
+        self._rounds = Backoff(first=0.5, ceiling=30.0, jitter=0.5)
 
     def stop(self) -> None:
         """Ask the worker to stop: no new deliveries, running handlers get ``grace`` seconds."""
@@ -69,15 +84,17 @@ class Worker:
     def health(self) -> dict[str, Any]:
         """Liveness and readiness facts for health endpoints.
 
-        ``ready`` means connected with a consumer attached to every queue.
+        ``ready`` means connected with every queue consumed or deliberately
+        paused by an open circuit breaker.
         """
         connected = self._connection is not None and not self._connection.is_closed
         attached = sum(c.consuming for c in self._consumers) if connected else 0
+        serving = sum(c.ready for c in self._consumers) if connected else 0
         return {
             "connected": connected,
             "consumers": attached,
             "queues": list(self.queues),
-            "ready": connected and self.ready.is_set() and attached == len(self.queues),
+            "ready": connected and self.ready.is_set() and serving == len(self.queues),
             "in_flight": self.in_flight,
             "connections": self.connections,
         }
@@ -88,7 +105,13 @@ class Worker:
         return sum(c.in_flight for c in self._consumers)
 
     async def run(self) -> None:
-        """Run until stopped; returns after a graceful drain."""
+        """Run until stopped; returns after a graceful drain.
+
+        Each round connects, declares (or checks) the topology and attaches every
+        consumer. A round that fails, or a connection lost within ``STABLE_SECONDS``,
+        is followed by a back-off pause (0.5 s doubling to 30 s, jittered), so that a
+        broker that accepts connections and then drops them is not stormed.
+        """
         if not structlog.is_configured():
             configure_logging()
         self._log.info(
@@ -105,32 +128,32 @@ class Worker:
                     break
                 lost = asyncio.Event()
                 connection.close_callbacks.add(_setter(lost))
+                started = time.monotonic()
                 try:
-                    await self._subscribe(connection, lost)
+                    await self._subscribe(connection)
                 except _LOSS_ERRORS as exc:
                     self._log.warning("worker.subscribe_failed", error=mask_url(repr(exc)))
-                    await close_quietly(connection)
+                    await self._abandon(connection)
+                    await self._pause(self._rounds.failed(time.monotonic()))
                     continue
                 except BaseException:  # e.g. a topology conflict: fatal, but close cleanly
-                    await close_quietly(connection)
+                    await self._abandon(connection)
                     raise
                 self._connection = connection
                 self.connections += 1
                 self.ready.set()
                 self._log.info("worker.consuming", queues=self.queues)
-                stop_wait = asyncio.create_task(self._stop.wait())
-                lost_wait = asyncio.create_task(lost.wait())
-                await asyncio.wait({stop_wait, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
-                stop_wait.cancel()
-                lost_wait.cancel()
+                await _first_of(self._stop.wait(), lost.wait())
                 self.ready.clear()
                 if self._stop.is_set():
                     await self._shutdown(connection)
                     return
                 self._log.warning("worker.connection_lost", reconnecting=True)
-                for consumer in self._consumers:
-                    await consumer.stop_taking()
-                await close_quietly(connection)
+                await self._abandon(connection)
+                if time.monotonic() - started < STABLE_SECONDS:
+                    await self._pause(self._rounds.failed(time.monotonic()))
+                else:
+                    self._rounds.succeeded()
         finally:
             await self.app.close()
 
@@ -139,34 +162,38 @@ class Worker:
         attempt = asyncio.create_task(
             connect(self.app.urls, ca_file=self.app.ssl_ca, name=self.app.name)
         )
-        stop_wait = asyncio.create_task(self._stop.wait())
-        await asyncio.wait({attempt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
+        await _first_of(attempt, self._stop.wait())
         if not attempt.done():
             attempt.cancel()
             return None
         return attempt.result()
 
-    async def _subscribe(self, connection: AbstractConnection, lost: asyncio.Event) -> None:
-        await declare(connection, self.app.topology(self.queues))
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` before the next round, unless asked to stop meanwhile."""
+        self._log.info("worker.reconnect_backoff", seconds=round(seconds, 2))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _subscribe(self, connection: AbstractConnection) -> None:
+        specs = self.app.topology(self.queues)
+        if self.app.declares:
+            await declare(connection, specs)
+        else:
+            await check(connection, specs)
         self.app.attach(connection)
-        # Consumers of a lost connection stay listed while their handlers finish.
-        self._consumers = [c for c in self._consumers if c.in_flight]
-        for handler in self.handlers:
-            channel = await connection.channel(publisher_confirms=True)
-            # Any channel error invalidates its unacked deliveries: start afresh.
-            channel.close_callbacks.add(_setter(lost))
-            consumer = Consumer(
-                handler,
-                self._policy,
-                connection,
-                ConfirmedPublisher(channel, self.app.confirm_timeout),
-                self.app.publish,
-                self.concurrency,
-                self._circuits.get(handler.queue),
-            )
-            await consumer.start(channel, self.prefetch)
-            self._consumers.append(consumer)
+        for consumer in self._consumers:
+            try:
+                await consumer.attach(connection)
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise ConfigurationError(
+                    f"not allowed to consume queue {consumer.handler.queue!r}: {exc}"
+                ) from None
+
+    async def _abandon(self, connection: AbstractConnection) -> None:
+        """Let go of a lost (or half set up) connection; running handlers finish on their own."""
+        for consumer in self._consumers:
+            consumer.detach()
+        await close_quietly(connection)
 
     async def _shutdown(self, connection: AbstractConnection) -> None:
         self._log.info("worker.stopping", in_flight=self.in_flight, grace=self.grace)
@@ -175,6 +202,15 @@ class Worker:
         counts = await asyncio.gather(*(c.drain(self.grace) for c in self._consumers))
         await close_quietly(connection)
         self._log.info("worker.stopped", cancelled=sum(counts))
+
+
+async def _first_of(*waits: Awaitable[object]) -> None:
+    """Wait until the first of ``waits`` is done; cancel the others (tasks are left running)."""
+    tasks = [w if isinstance(w, asyncio.Task) else asyncio.ensure_future(w) for w in waits]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task, wait in zip(tasks, waits, strict=True):
+        if task is not wait:
+            task.cancel()
 
 
 def _setter(event: asyncio.Event) -> Callable[..., None]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from qworker.dlq_management import ManagementError, dlq_names, queues_url
+from qworker.dlq.management import ManagementError, dlq_names, queues_url
 
 ROOT = Path(__file__).resolve().parents[1]
 MANAGEMENT_URL = os.environ.get("QWORKER_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")

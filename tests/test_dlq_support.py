@@ -18,6 +18,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 from click.testing import CliRunner, Result
 
+from qworker import failures
 from qworker import headers as h
 from qworker.cli import cli
 from qworker.topology import QueueType, declare, queue_specs
@@ -45,7 +46,7 @@ def failure(
     )
     return h.failure_headers(
         incoming,
-        error=h.ErrorInfo(error_type, message, traceback),
+        error=failures.ErrorInfo(error_type, message, traceback),
         attempt=attempt,
         classification="permanent",
         origin=h.Origin(queue, handler, "", queue, "host:1"),

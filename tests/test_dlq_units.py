@@ -14,11 +14,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qworker import headers as h
-from qworker.dlq_acks import SENT_LIMIT, AckBook
-from qworker.dlq_filters import Filter, FilterError, parse_when
-from qworker.dlq_jsonl import BadRecord, dumps, parse_line, read_records
-from qworker.dlq_records import DeadLetter, dead_letter, origin, replay_properties
-from qworker.dlq_stats import Stats, describe, normalise, top_frame
+from qworker.dlq.acks import SENT_LIMIT, AckBook
+from qworker.dlq.filters import Filter, FilterError, parse_when
+from qworker.dlq.jsonl import BadRecord, dumps, parse_line, read_records
+from qworker.dlq.records import DeadLetter, dead_letter, origin, replay_properties
+from qworker.dlq.stats import Stats, describe, normalise, top_frame
 from tests.test_dlq_support import failure
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -362,7 +362,7 @@ def test_acks_sent_remove_exactly_the_requested_messages(
 # Packaging
 
 
-@pytest.mark.parametrize("module", ["qworker.dlq_cli", "qworker.dlq_options", "qworker.dlq"])
+@pytest.mark.parametrize("module", ["qworker.cli.dlq", "qworker.cli._dlq_options", "qworker.dlq"])
 def test_each_dlq_module_can_be_imported_first(module: str) -> None:
     """qworker.cli and the dlq CLI import each other; any of them may be imported first."""
     check = f"import {module}; from qworker.cli import cli; print(cli.commands['dlq'].commands)"

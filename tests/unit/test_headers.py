@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qworker import failures
 from qworker import headers as h
 
 FAST = settings(max_examples=120, deadline=None)
@@ -57,15 +58,15 @@ def _raised(exc: BaseException) -> BaseException:
         return caught
 
 
-def _error(exc: BaseException | None = None) -> h.ErrorInfo:
-    return h.ErrorInfo.from_exception(_raised(exc or ValueError("boom")))
+def _error(exc: BaseException | None = None) -> failures.ErrorInfo:
+    return failures.ErrorInfo.from_exception(_raised(exc or ValueError("boom")))
 
 
 def _fail(
     incoming: Mapping[str, Any] | None,
     *,
     attempt: int = 1,
-    error: h.ErrorInfo | None = None,
+    error: failures.ErrorInfo | None = None,
     origin: h.Origin = ORIGIN,
     reason: str | None = None,
     at: str | None = None,
@@ -122,8 +123,8 @@ def _check_sane(out: Mapping[str, Any], attempt: int) -> None:
     for name in (h.ORIGINAL_EXCHANGE, h.ORIGINAL_ROUTING_KEY):
         assert isinstance(ours[name], str)
         assert _utf8_size(ours[name]) <= h.NAME_LIMIT
-    assert _utf8_size(ours[h.ERROR_MESSAGE]) <= h.MESSAGE_LIMIT
-    assert _utf8_size(ours[h.ERROR_TRACEBACK]) <= h.TRACEBACK_LIMIT
+    assert _utf8_size(ours[h.ERROR_MESSAGE]) <= failures.MESSAGE_LIMIT
+    assert _utf8_size(ours[h.ERROR_TRACEBACK]) <= failures.TRACEBACK_LIMIT
     history = ours[h.HISTORY]
     assert isinstance(history, list)
     assert 1 <= len(history) <= h.HISTORY_LENGTH
@@ -135,7 +136,7 @@ def _check_sane(out: Mapping[str, Any], attempt: int) -> None:
         assert 0 <= entry["attempt"] <= h.ATTEMPT_LIMIT + 1
         assert entry["at"] == "" or _is_utc_iso(entry["at"])
         assert isinstance(entry["error_type"], str)
-        assert _utf8_size(entry["error_message"]) <= h.HISTORY_MESSAGE_LIMIT
+        assert _utf8_size(entry["error_message"]) <= failures.HISTORY_MESSAGE_LIMIT
     assert history[-1]["attempt"] == attempt
     assert history[-1]["at"] == ours[h.LAST_FAILURE_AT]
     if h.REPLAY_COUNT in ours:
@@ -224,7 +225,7 @@ def test_error_type_of_a_nested_class_uses_its_qualname() -> None:
         class Inner(Exception):
             pass
 
-    name = h.error_type_name(Outer.Inner())
+    name = failures.error_type_name(Outer.Inner())
     assert name == f"{__name__}.{Outer.Inner.__qualname__}"
     assert name.endswith("Outer.Inner")
 
@@ -361,7 +362,7 @@ def _deep_traceback(depth: int) -> BaseException:
 def test_error_message_is_capped_at_2_kib() -> None:
     """A 1 MB exception message is cut to at most 2 KiB (UTF-8 bytes) and marked as cut."""
     info = _error(ValueError("é" * 1_000_000))
-    assert _utf8_size(info.message) <= h.MESSAGE_LIMIT
+    assert _utf8_size(info.message) <= failures.MESSAGE_LIMIT
     assert info.message.endswith("[truncated]")
     assert info.message.startswith("éé")
 
@@ -374,15 +375,15 @@ def test_traceback_is_capped_at_16_kib_keeping_the_tail() -> None:
         except ValueError as cause:
             raise RuntimeError("bottom of the stack") from cause
     except RuntimeError as exc:
-        info = h.ErrorInfo.from_exception(exc)
-    assert _utf8_size(info.traceback) <= h.TRACEBACK_LIMIT
+        info = failures.ErrorInfo.from_exception(exc)
+    assert _utf8_size(info.traceback) <= failures.TRACEBACK_LIMIT
     assert info.traceback.startswith("...[truncated]")
     assert info.traceback.rstrip().endswith("RuntimeError: bottom of the stack")
 
 
 def test_deep_traceback_keeps_its_first_and_last_frames() -> None:
     """300 frames: the first 10 and the last 30 are kept, the rest is counted, not listed."""
-    text = h.format_traceback(_deep_traceback(300))
+    text = failures.format_traceback(_deep_traceback(300))
     assert text.count('  File "') == 40
     assert "frames omitted" in text
     assert text.rstrip().endswith("RuntimeError: bottom of the stack")
@@ -411,7 +412,7 @@ def test_all_our_headers_stay_under_64_kib_with_huge_input() -> None:
     """A 1 MB message, a deep traceback and a huge forged history still fit in 64 KiB."""
     exc = _deep_traceback(300)
     exc.args = ("é" * 1_000_000,)
-    out = _fail(_huge_forged_headers(), attempt=3, error=h.ErrorInfo.from_exception(exc))
+    out = _fail(_huge_forged_headers(), attempt=3, error=failures.ErrorInfo.from_exception(exc))
     ours = _ours(out)
     assert _estimated_size(ours) < h.TOTAL_LIMIT
     assert _wire_size(ours) < h.TOTAL_LIMIT
@@ -422,7 +423,7 @@ def test_all_our_headers_stay_under_64_kib_with_huge_input() -> None:
 
 def test_caps_hold_for_an_error_info_built_by_hand() -> None:
     """failure_headers caps the error fields itself, not only ErrorInfo.from_exception."""
-    error = h.ErrorInfo("T" * 1_000_000, "m" * 1_000_000, "t" * 1_000_000)
+    error = failures.ErrorInfo("T" * 1_000_000, "m" * 1_000_000, "t" * 1_000_000)
     out = _fail({}, error=error)
     _check_sane(out, 1)
     assert len(out[h.HISTORY]) == 1
@@ -469,7 +470,7 @@ def test_exception_with_a_broken_str_is_still_captured() -> None:
     info = _error(Broken())
     assert "Broken" in info.message
     assert "Broken" in info.traceback
-    failure = h.Failure.from_exception(1, Broken())
+    failure = failures.Failure.from_exception(1, Broken())
     assert "Broken" in failure.error_message
     _check_sane(_fail({}, error=info), 1)
 
@@ -485,7 +486,7 @@ def test_traceback_includes_an_explicit_cause() -> None:
         except ConnectionError as cause:
             raise RuntimeError("charge failed") from cause
     except RuntimeError as exc:
-        info = h.ErrorInfo.from_exception(exc)
+        info = failures.ErrorInfo.from_exception(exc)
     assert "ConnectionError: socket closed by peer" in info.traceback
     assert "direct cause of the following exception" in info.traceback
     assert info.traceback.rstrip().endswith("RuntimeError: charge failed")
@@ -505,7 +506,7 @@ def test_traceback_includes_an_implicit_context() -> None:
         except KeyError:
             fallback()
     except ValueError as exc:
-        info = h.ErrorInfo.from_exception(exc)
+        info = failures.ErrorInfo.from_exception(exc)
     assert "KeyError: 'sku'" in info.traceback
     assert "During handling of the above exception" in info.traceback
 
@@ -520,7 +521,7 @@ def test_secrets_are_redacted_in_message_and_traceback() -> None:
                 "login failed with password=hunter2 for amqp://u:mq-pw@h/"
             ) from cause
     except RuntimeError as exc:
-        info = h.ErrorInfo.from_exception(exc)
+        info = failures.ErrorInfo.from_exception(exc)
     out = _fail({}, error=info)
     for secret in ("pg-s3cret", "hunter2", "mq-pw"):
         assert secret not in info.message
@@ -532,9 +533,9 @@ def test_secrets_are_redacted_in_message_and_traceback() -> None:
 
 def test_history_entry_is_redacted_and_capped() -> None:
     """Failure.from_exception redacts the message and caps it at 512 bytes, without traceback."""
-    failure = h.Failure.from_exception(4, ValueError("token=abc123 " + "x" * 10_000))
+    failure = failures.Failure.from_exception(4, ValueError("token=abc123 " + "x" * 10_000))
     assert "abc123" not in failure.error_message
-    assert _utf8_size(failure.error_message) <= h.HISTORY_MESSAGE_LIMIT
+    assert _utf8_size(failure.error_message) <= failures.HISTORY_MESSAGE_LIMIT
     assert failure.attempt == 4
     assert failure.error_type == "builtins.ValueError"
     assert _is_utc_iso(failure.at)
@@ -584,7 +585,7 @@ def test_readers_accept_garbage_without_raising(value: Any) -> None:
     history = h.read_history(headers)
     assert isinstance(history, list)
     assert len(history) <= h.HISTORY_LENGTH
-    assert all(isinstance(f, h.Failure) for f in history)
+    assert all(isinstance(f, failures.Failure) for f in history)
     _check_sane(_fail(headers, attempt=2), 2)
     replayed = h.replay_headers(headers)
     assert h.read_attempt(replayed) == 0
@@ -669,12 +670,12 @@ def test_read_history_keeps_only_mappings_and_sanitises_their_fields() -> None:
     ]
     history = h.read_history({h.HISTORY: raw})
     assert [f.attempt for f in history] == [1, 0, 0, 0]
-    assert history[0] == h.Failure(1, T1, "builtins.ValueError", "m")
+    assert history[0] == failures.Failure(1, T1, "builtins.ValueError", "m")
     assert history[1].at == ""
     assert history[1].error_type == ""
     assert history[1].error_message == "bytes msg"
     assert history[2].at == ""
-    assert _utf8_size(history[2].error_message) <= h.HISTORY_MESSAGE_LIMIT
+    assert _utf8_size(history[2].error_message) <= failures.HISTORY_MESSAGE_LIMIT
 
 
 def test_read_history_keeps_only_the_last_ten_of_a_long_forged_list() -> None:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import pydantic
 
-from qworker.dlq_records import DeadLetter, dead_letter
+from qworker.dlq.records import DeadLetter, dead_letter
 from qworker.errors import QworkerError
 
 _INT64 = 2**63

@@ -26,14 +26,15 @@ from typing import TextIO
 from aio_pika.abc import AbstractConnection
 
 from qworker.app import App
-from qworker.dlq_cursor import QueueNotFound, Safety, ScanReport, select
-from qworker.dlq_filters import Filter, FilterError
-from qworker.dlq_jsonl import BadRecord, dumps, read_records
-from qworker.dlq_records import DeadLetter, origin
-from qworker.dlq_replay import ReplayOptions, replace, replay, replay_records
-from qworker.dlq_routing import BadTarget
-from qworker.dlq_send import Canary, Event, Outcome, ReplayResult
-from qworker.dlq_stats import Group, Stats
+from qworker.dlq.cursor import ScanReport, select
+from qworker.dlq.filters import Filter, FilterError
+from qworker.dlq.jsonl import BadRecord, dumps, read_records
+from qworker.dlq.probes import QueueNotFound, Safety
+from qworker.dlq.records import DeadLetter, origin
+from qworker.dlq.replay import ReplayOptions, replace, replay, replay_records
+from qworker.dlq.routing import BadTarget
+from qworker.dlq.send import Canary, Event, Outcome, ReplayResult
+from qworker.dlq.stats import Group, Stats
 from qworker.errors import ConfigurationError
 
 __all__ = [
@@ -96,7 +97,7 @@ async def stats(
     chosen: Filter | None = None,
     limit: int | None = None,
 ) -> tuple[Stats, ScanReport]:
-    """Group the matching dead letters (see :mod:`qworker.dlq_stats`), keeping no bodies."""
+    """Group the matching dead letters (see :mod:`qworker.dlq.stats`), keeping no bodies."""
     aggregate = Stats()
     report = await browse(connection, queue, aggregate.add, chosen=chosen, limit=limit)
     return aggregate, report

@@ -1,6 +1,8 @@
 """Running a handler for one delivery: its context, time limit and immediate retries.
 
-No acking or publishing here: the consumer decides what the result means.
+No acking or publishing here: :mod:`qworker.verdict` decides what the result means.
+Each failed execution is classified exactly once, here (``decide``), and the last
+decision travels on the :class:`~qworker.verdict.Run`.
 """
 
 from __future__ import annotations
@@ -8,30 +10,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 
-from qworker import headers as h
+from qworker.classify import Action, Decision
 from qworker.context import Context, PublishFunc
 from qworker.delivery import Delivery
 from qworker.errors import HandlerTimeout
+from qworker.failures import Failure
 from qworker.handler import Handler, HandlerFunc
+from qworker.verdict import Run
 
-
-@dataclass(slots=True)
-class Run:
-    """What happened when a handler ran for a delivery."""
-
-    attempt: int
-    """1-based number of the last execution."""
-    error: Exception | None
-    """The last execution's error; None on success."""
-    duration: float
-    earlier: list[h.Failure] = field(default_factory=list)
-    """In-process (immediate) failures before the last execution."""
+Decide = Callable[[Exception, int], Decision]
+"""Classify a failed execution: (exception, 1-based attempt number) -> decision."""
 
 
 class Runner:
@@ -40,32 +33,43 @@ class Runner:
     def __init__(
         self,
         handler: Handler,
-        retry_in_process: Callable[[BaseException, int], bool],
+        decide: Decide,
         publish: PublishFunc,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._handler = handler
-        self._retry_in_process = retry_in_process
+        self._decide = decide
         self._publish = publish
         self._log = log
 
     async def run(self, payload: Any, message: Delivery, failed_before: int) -> Run:
-        """Run once, or up to 1 + ``immediate`` times while failures are transient."""
+        """Run once, or up to 1 + ``immediate`` times while failures are transient.
+
+        A failed run carries the decision of its last failure. Cancellation (the
+        worker's grace period ran out) is never retried: it propagates at once.
+        """
         retry = self._handler.retry
         allowed = max(1, min(retry.executions_per_delivery, retry.max_attempts - failed_before))
         started = time.perf_counter()
+        attempt = failed_before + 1
         if allowed == 1:
             try:
-                await self.call(self._handler.func, payload, message, failed_before + 1)
+                await self.call(self._handler.func, payload, message, attempt)
             except Exception as exc:
-                return Run(failed_before + 1, exc, time.perf_counter() - started)
-            return Run(failed_before + 1, None, time.perf_counter() - started)
-        failures: list[h.Failure] = []
+                elapsed = time.perf_counter() - started
+                return Run(attempt, exc, elapsed, self._decide(exc, attempt))
+            return Run(attempt, None, time.perf_counter() - started)
+        failures: list[Failure] = []
+        decisions: list[Decision] = []
         try:
-            await self._with_immediate_retries(payload, message, failed_before, allowed, failures)
+            await self._with_immediate_retries(
+                payload, message, failed_before, allowed, failures, decisions
+            )
         except Exception as exc:
             attempt = failed_before + len(failures)
-            return Run(attempt, exc, time.perf_counter() - started, failures[:-1])
+            # tenacity asks about every failure, so the last decision is this one's.
+            decision = decisions[-1] if decisions else self._decide(exc, attempt)
+            return Run(attempt, exc, time.perf_counter() - started, decision, failures[:-1])
         return Run(failed_before + len(failures) + 1, None, time.perf_counter() - started)
 
     async def call(self, func: HandlerFunc, payload: Any, message: Delivery, attempt: int) -> None:
@@ -103,15 +107,21 @@ class Runner:
         message: Delivery,
         failed_before: int,
         allowed: int,
-        failures: list[h.Failure],
+        failures: list[Failure],
+        decisions: list[Decision],
     ) -> None:
         """Run up to ``allowed`` times while failures are worth retrying in-process (tenacity).
 
-        Every failure is appended to ``failures``, the last one included.
+        Every failure is appended to ``failures`` and its decision to ``decisions``,
+        the last one included.
         """
 
         def worth_retrying(exc: BaseException) -> bool:
-            return self._retry_in_process(exc, failed_before + len(failures))
+            if not isinstance(exc, Exception):  # CancelledError, KeyboardInterrupt: never
+                return False
+            decision = self._decide(exc, failed_before + len(failures))
+            decisions.append(decision)
+            return decision.action is Action.RETRY and decision.requested_delay is None
 
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(allowed), retry=retry_if_exception(worth_retrying), reraise=True
@@ -121,5 +131,5 @@ class Runner:
                 try:
                     await self.call(self._handler.func, payload, message, number)
                 except Exception as exc:
-                    failures.append(h.Failure.from_exception(number, exc))
+                    failures.append(Failure.from_exception(number, exc))
                     raise

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from qworker.dlq_records import KNOWN_REASONS, UNKNOWN, DeadLetter, parse_time
+from qworker.dlq.records import KNOWN_REASONS, UNKNOWN, DeadLetter, parse_time
 from qworker.errors import QworkerError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -42,7 +42,7 @@ class Filter:
 
     - ``error_type``: the fully qualified class or its trailing part
       (``KeyError`` matches ``builtins.KeyError``).
-    - ``reason``: exact, one of :data:`qworker.dlq_records.KNOWN_REASONS` or ``unknown``.
+    - ``reason``: exact, one of :data:`qworker.dlq.records.KNOWN_REASONS` or ``unknown``.
     - ``handler``: ``module:function`` or just the function's name.
     - ``message_id``: exact.
     - ``grep``: a case-sensitive substring of the body (read as UTF-8) or of the error message.

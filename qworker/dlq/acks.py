@@ -10,8 +10,14 @@ one by one. T itself must still be unacked, or the broker closes the channel.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
+import aiormq
+
+#: Acks are sent when this many are requested, or this many seconds after the first.
+ACK_BATCH = 64
+ACK_DELAY = 0.02
 #: Single acks remembered above a gap; past this, coalescing stops for the cursor.
 SENT_LIMIT = 10_000
 
@@ -56,3 +62,48 @@ class AckBook:
                 self.sent.clear()
                 self.coalescing = False
         return multiple, singles
+
+
+class Acker:
+    """Sends the acks of one channel in batches: at ``ACK_BATCH`` requests, or ``ACK_DELAY``
+    seconds after the first one, whichever comes first (the timing side of :class:`AckBook`)."""
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self._channel = channel
+        self._book = AckBook()
+        self._lock = asyncio.Lock()
+        self._error: Exception | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def ack(self, tag: int) -> None:
+        """Request the ack of ``tag``; it is sent within ``ACK_DELAY`` seconds."""
+        self._book.add(tag)
+        if len(self._book.pending) >= ACK_BATCH:
+            await self.flush()
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(ACK_DELAY)
+        try:
+            await self.flush()
+        except Exception as exc:  # the channel is gone; raised again by the next flush
+            self._error = exc
+
+    async def flush(self) -> None:
+        """Send every requested ack now; raises if an earlier or this send failed."""
+        if self._error is not None:
+            raise self._error
+        async with self._lock:  # frames of two flushes must not interleave
+            multiple, singles = self._book.plan()
+            if multiple is not None:
+                await self._channel.basic_ack(multiple, multiple=True)
+            for tag in singles:
+                await self._channel.basic_ack(tag)
+
+    async def settle(self) -> None:
+        """Wait for a pending timed flush (at most ``ACK_DELAY``; cancelling it could drop
+        its frames), then send what is left."""
+        if self._flusher is not None:
+            await self._flusher
+        await self.flush()

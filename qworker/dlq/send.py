@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import aio_pika
 
-from qworker.dlq_cursor import ScanReport
-from qworker.dlq_records import DeadLetter, replay_properties
+from qworker.dlq.cursor import ScanReport
+from qworker.dlq.records import DeadLetter, replay_properties
 from qworker.errors import PublishFailed
 from qworker.publish import ConfirmedPublisher
 
@@ -174,7 +174,7 @@ class Sender:
 
 
 def build_message(dl: DeadLetter, body: bytes | None = None) -> aio_pika.Message:
-    """The replayed copy of ``dl`` (see :func:`qworker.dlq_records.replay_properties`)."""
+    """The replayed copy of ``dl`` (see :func:`qworker.dlq.records.replay_properties`)."""
     content, properties = replay_properties(dl, body)
     message = aio_pika.Message(content, **properties)
     if message.message_id is None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,11 +23,11 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
-from qworker.dlq_acks import AckBook
-from qworker.dlq_filters import Filter
-from qworker.dlq_records import DELIVERY_COUNT, DeadLetter, dead_letter, properties_of
+from qworker.dlq.acks import Acker
+from qworker.dlq.filters import Filter
+from qworker.dlq.probes import Safety, close_channel_quietly, queue_depth, safety
+from qworker.dlq.records import DELIVERY_COUNT, DeadLetter, dead_letter, properties_of
 from qworker.errors import QworkerError
-from qworker.topology import dead_letter_queue
 
 #: AMQP's prefetch count is a 16-bit number.
 MAX_WINDOW = 65535
@@ -36,70 +35,6 @@ MAX_WINDOW = 65535
 IDLE_SECONDS = 1.0
 #: How long closing waits for the broker to make returned messages ready again.
 RETURN_SECONDS = 5.0
-#: Acks are sent when this many are requested, or this many seconds after the first.
-ACK_BATCH = 64
-ACK_DELAY = 0.02
-
-
-class QueueNotFound(QworkerError):
-    """The queue does not exist (the broker answered 404 to a passive declare)."""
-
-
-class Safety(enum.Enum):
-    """Whether reading a DLQ can count against a delivery limit.
-
-    ``CLASSIC`` and ``QUORUM`` are DLQs declared as qworker declares them: a
-    classic queue counts no deliveries, and qworker's quorum DLQs have a
-    delivery limit of a billion. ``UNVERIFIED`` is a queue declared with other
-    arguments: if it is a quorum queue, each read may count as a delivery (on
-    RabbitMQ 4.0 to 4.2, where the default limit is 20, every returned message counts).
-    """
-
-    CLASSIC = "classic"
-    QUORUM = "quorum"
-    UNVERIFIED = "unverified"
-
-
-async def close_quietly(channel: AbstractChannel) -> None:
-    """Close ``channel`` unless it is closed already; a channel lost meanwhile is no error."""
-    if not channel.is_closed:
-        with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
-            await channel.close()
-
-
-async def queue_depth(connection: AbstractConnection, name: str) -> int:
-    """Ready messages in ``name``; raises :class:`QueueNotFound` if it does not exist.
-
-    Uses a throwaway channel, because a failed passive declare closes its channel.
-    """
-    channel = await connection.channel(publisher_confirms=False)
-    try:
-        declared = await channel.declare_queue(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        raise QueueNotFound(f"queue {name!r} not found") from None
-    finally:
-        await close_quietly(channel)
-    return int(declared.declaration_result.message_count or 0)
-
-
-async def safety(connection: AbstractConnection, name: str) -> Safety:
-    """Check an existing queue's arguments by re-declaring it as qworker declares DLQs.
-
-    The broker accepts a declaration only when the arguments are equivalent
-    (``x-queue-type`` and ``x-delivery-limit`` included), so acceptance proves
-    the queue's kind. Call it only after :func:`queue_depth` found the queue.
-    """
-    for kind in (Safety.QUORUM, Safety.CLASSIC):
-        arguments = dead_letter_queue(name, kind.value).arguments
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            await channel.declare_queue(name, durable=True, arguments=arguments)
-            return kind
-        except aiormq.exceptions.ChannelClosed:
-            continue
-        finally:
-            await close_quietly(channel)
-    return Safety.UNVERIFIED
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,16 +68,14 @@ class Cursor:
         self._consumers = 0
         self._seen = 0
         self._acked = 0
-        self._acks = AckBook()
-        self._ack_lock = asyncio.Lock()
-        self._ack_error: Exception | None = None
-        self._flusher: asyncio.Task[None] | None = None
+        self._acker: Acker | None = None
 
     async def __aenter__(self) -> Cursor:
         self.depth = await queue_depth(self._connection, self.queue)
         self._channel = await self._connection.channel(publisher_confirms=False)
         self._underlay = await self._channel.get_underlay_channel()
         await self._underlay.basic_qos(prefetch_count=self._window)
+        self._acker = Acker(self._underlay)
         await self._consume()
         return self
 
@@ -161,10 +94,9 @@ class Cursor:
         if self._channel is None or self._channel.is_closed:
             return
         with contextlib.suppress(Exception):  # lost acks: those messages come back, duplicated
-            if self._flusher is not None:
-                await self._flusher  # at most ACK_DELAY; cancelling it could drop its frames
-            await self.flush()
-        await close_quietly(self._channel)
+            if self._acker is not None:
+                await self._acker.settle()
+        await close_channel_quietly(self._channel)
         expected = self.depth - self._acked
         deadline = time.monotonic() + RETURN_SECONDS
         with contextlib.suppress(QworkerError, aiormq.exceptions.AMQPError, ConnectionError):
@@ -234,36 +166,16 @@ class Cursor:
             yield held
 
     async def ack(self, tag: int) -> None:
-        """Remove a held message from the queue.
-
-        The ack is sent within ``ACK_DELAY`` seconds, together with its
-        neighbours (see :mod:`qworker.dlq_acks`), or by :meth:`flush`.
-        """
-        self._acks.add(tag)
+        """Remove a held message from the queue (sent soon, with its neighbours: see
+        :class:`~qworker.dlq.acks.Acker`)."""
+        assert self._acker is not None
+        await self._acker.ack(tag)
         self._acked += 1
-        if len(self._acks.pending) >= ACK_BATCH:
-            await self.flush()
-        elif self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_later())
-
-    async def _flush_later(self) -> None:
-        await asyncio.sleep(ACK_DELAY)
-        try:
-            await self.flush()
-        except Exception as exc:  # the channel is gone; raised again by the next flush
-            self._ack_error = exc
 
     async def flush(self) -> None:
         """Send every requested ack now; raises if an earlier or this send failed."""
-        assert self._underlay is not None
-        if self._ack_error is not None:
-            raise self._ack_error
-        async with self._ack_lock:  # frames of two flushes must not interleave
-            multiple, singles = self._acks.plan()
-            if multiple is not None:
-                await self._underlay.basic_ack(multiple, multiple=True)
-            for tag in singles:
-                await self._underlay.basic_ack(tag)
+        assert self._acker is not None
+        await self._acker.flush()
 
 
 @dataclass(slots=True)

@@ -1,8 +1,6 @@
 """The plumbing of ``qworker dlq``: the shared options, the broker connection, export files.
 
-Failures become one line on stderr with the exit codes of :mod:`qworker.cli`.
-That module imports the ``dlq`` group when it loads, so its helpers are
-imported here where they are used, which keeps every module importable first.
+Failures become one line on stderr with the exit codes of :mod:`qworker.cli._common`.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from aio_pika.abc import AbstractConnection
 
 from qworker import dlq as lib
 from qworker.app import App
+from qworker.cli._common import DEFAULT_URL, EXIT_USAGE, fail, run_async
 from qworker.connection import connect_once, normalise_urls
 from qworker.errors import ConfigurationError
 
@@ -28,7 +27,6 @@ _FILTERS = ("error_type", "reason", "handler", "message_id", "grep", "since", "u
 
 def broker(url: str | None, app: App | None = None) -> tuple[list[str], str | None]:
     """The URLs and CA file to use: the app's (``--url`` already applied), else ``--url``."""
-    from qworker.cli import DEFAULT_URL, EXIT_USAGE, fail
 
     if app is not None:
         return app.urls, app.ssl_ca
@@ -42,7 +40,6 @@ def with_broker(
     target: tuple[list[str], str | None], work: Callable[[AbstractConnection], Awaitable[T]]
 ) -> T:
     """Connect (first URL that answers), run ``work``, close; failures become one line."""
-    from qworker.cli import EXIT_USAGE, fail, run_async
 
     urls, ca_file = target
 
@@ -66,7 +63,6 @@ def filter_options(func: Command) -> Command:
 
     @functools.wraps(func)
     def command(**kwargs: Any) -> Any:
-        from qworker.cli import EXIT_USAGE, fail
 
         raw = {name: kwargs.pop(name) for name in _FILTERS}
         try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from qworker import failures
 from qworker import headers as h
 from qworker.redact import escape_control
 
@@ -130,8 +131,8 @@ def dead_letter(
         message_id=message_id if isinstance(message_id, str) else None,
         reason=_reason(headers, death),
         error_type=error_type,
-        error_message=h.read_str(headers, h.ERROR_MESSAGE, h.MESSAGE_LIMIT) or "",
-        traceback=h.read_str(headers, h.ERROR_TRACEBACK, h.TRACEBACK_LIMIT) or "",
+        error_message=h.read_str(headers, h.ERROR_MESSAGE, failures.MESSAGE_LIMIT) or "",
+        traceback=h.read_str(headers, h.ERROR_TRACEBACK, failures.TRACEBACK_LIMIT) or "",
         handler=h.read_str(headers, h.HANDLER),
         attempt=h.read_attempt(headers),
         failed_at=failed_at,

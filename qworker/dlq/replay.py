@@ -1,7 +1,7 @@
 """Replaying dead letters from a DLQ or an export file, with canaries, and editing one.
 
 Every path acks a dead letter only after its copy is confirmed (see
-:mod:`qworker.dlq_send`); what is not selected, skipped or not confirmed stays
+:mod:`qworker.dlq.send`); what is not selected, skipped or not confirmed stays
 in the DLQ, returned when the reading channel closes.
 """
 
@@ -15,11 +15,12 @@ from functools import partial
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
-from qworker.dlq_cursor import Cursor, Held, close_quietly, queue_depth, select
-from qworker.dlq_filters import Filter
-from qworker.dlq_records import DeadLetter, same_message
-from qworker.dlq_routing import Router
-from qworker.dlq_send import (
+from qworker.dlq.cursor import Cursor, Held, select
+from qworker.dlq.filters import Filter
+from qworker.dlq.probes import close_channel_quietly, queue_depth
+from qworker.dlq.records import DeadLetter, same_message
+from qworker.dlq.routing import Router
+from qworker.dlq.send import (
     DEFAULT_WINDOW,
     Canary,
     Event,
@@ -164,8 +165,8 @@ async def replay(
     """Replay the dead letters of ``queue`` that match ``chosen``; see :class:`ReplayOptions`.
 
     Messages not selected, skipped or not confirmed stay in the DLQ. Raises
-    :class:`qworker.dlq_cursor.QueueNotFound` for a missing DLQ or ``to`` queue
-    and :class:`qworker.dlq_routing.BadTarget` for an unacceptable ``to``.
+    :class:`qworker.dlq.cursor.QueueNotFound` for a missing DLQ or ``to`` queue
+    and :class:`qworker.dlq.routing.BadTarget` for an unacceptable ``to``.
     """
     chosen = chosen or Filter()
     options = options or ReplayOptions()
@@ -197,7 +198,7 @@ async def replay(
             await _flush(selection.cursor, result)
             result.reports.append(selection.report)
     finally:
-        await close_quietly(channel)
+        await close_channel_quietly(channel)
     return result
 
 
@@ -242,7 +243,7 @@ async def replay_records(
                 await sender.send(dl, route.queue, _nothing)
         await sender.drain()
     finally:
-        await close_quietly(channel)
+        await close_channel_quietly(channel)
     return result
 
 
@@ -277,7 +278,7 @@ async def replace(
                     await sel.cursor.flush()
                     return route.queue
     finally:
-        await close_quietly(channel)
+        await close_channel_quietly(channel)
     raise QworkerError(
         f"message {original.message_id!r} is no longer in {original.queue!r}; nothing was published"
     )

@@ -20,10 +20,9 @@ import click
 from aio_pika.abc import AbstractConnection
 
 from qworker import dlq as lib
-from qworker.dlq_cursor import queue_depth
-from qworker.dlq_management import ManagementError, list_dlqs
-from qworker.dlq_options import broker, export_file, filter_options, limit_option, with_broker
-from qworker.dlq_terminal import (
+from qworker.cli._common import EXIT_APP, EXIT_USAGE, fail, load_app, url_option
+from qworker.cli._dlq_options import broker, export_file, filter_options, limit_option, with_broker
+from qworker.cli._terminal import (
     ReplayReporter,
     print_dead_letters,
     print_replay_summary,
@@ -32,6 +31,8 @@ from qworker.dlq_terminal import (
     term,
     warn_delivery_count,
 )
+from qworker.dlq.management import ManagementError, list_dlqs
+from qworker.dlq.probes import queue_depth
 from qworker.errors import ConfigurationError, DecodeError
 
 EXIT_CANARY = 4
@@ -50,11 +51,6 @@ def dlq() -> None:
     # own log records would add a second, unescaped one.
     for name in ("aio_pika", "aiormq"):
         logging.getLogger(name).addHandler(logging.NullHandler())
-
-
-# qworker.cli adds the group above to ``qworker`` when it loads; importing it only
-# now lets either module be imported first.
-from qworker.cli import EXIT_APP, EXIT_USAGE, fail, load_app, url_option  # noqa: E402
 
 
 @dlq.command("ls")

@@ -1,7 +1,7 @@
 """Where a replayed dead letter may go: ``--to``, or its origin queue if that exists.
 
 Headers are producer-controlled, so a target named by a header is only ever an
-existing plain queue (see :func:`qworker.dlq_records.origin`), reached through
+existing plain queue (see :func:`qworker.dlq.records.origin`), reached through
 the default exchange; never an exchange, never the DLQ itself.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from aio_pika.abc import AbstractConnection
 
-from qworker.dlq_cursor import QueueNotFound, queue_depth
-from qworker.dlq_records import DeadLetter, Route, origin, queue_name_problem
+from qworker.dlq.probes import QueueNotFound, queue_depth
+from qworker.dlq.records import DeadLetter, Route, origin, queue_name_problem
 from qworker.errors import QworkerError
 
 
