@@ -17,7 +17,7 @@ from qworker.classify import Classification, Classifier
 from qworker.connection import close_quietly, connect_once, normalise_urls
 from qworker.errors import ConfigurationError
 from qworker.events import Observer
-from qworker.handler import Handler, HandlerFunc, build_handler
+from qworker.handler import DEFAULT_TIMEOUT, Handler, HandlerFunc, build_handler
 from qworker.hooks import Hook, HookRunner
 from qworker.publish import DEFAULT_CONFIRM_TIMEOUT, ConfirmedPublisher, build_message
 from qworker.redact import mask_url
@@ -87,7 +87,7 @@ class App:
         retry: RetryPolicy | None = None,
         transient: type[BaseException] | Sequence[type[BaseException]] = (),
         permanent: type[BaseException] | Sequence[type[BaseException]] = (),
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         queue_type: Literal["quorum", "classic"] = "quorum",
         delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
         severity: Mapping[str, Literal["critical", "high", "medium", "low"]] | None = None,
@@ -96,9 +96,27 @@ class App:
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register the decorated coroutine as the handler of ``queue``.
 
-        ``severity`` overrides the severity of outcomes by reason (``"retry"`` for
-        retries); ``fallback`` is awaited like the handler when its retries are
-        exhausted or its ``breaker`` is open, before dead-lettering.
+        The coroutine takes the payload (annotated: a pydantic model, dict, list, str or
+        bytes) and optionally ``ctx: Context``. Every option is checked here, at import
+        time, not when the first message arrives.
+
+        Args:
+            queue: The work queue; its retry tiers and DLQ are named after it.
+            retry: Attempts, delays and immediate retries (default ``RetryPolicy()``).
+            transient: Exception types always retried (after ``Transient``/``Permanent``).
+            permanent: Exception types always dead-lettered at once.
+            timeout: Seconds one execution may run before it fails with
+                ``HandlerTimeout`` (transient); default 300, finite so that a hung handler
+                ends long before RabbitMQ's ``consumer_timeout`` closes the channel.
+                None: no limit.
+            queue_type: ``"quorum"`` (default) or ``"classic"``, for all its queues.
+            delivery_limit: The work queue's ``x-delivery-limit`` (quorum): the broker's
+                safety net for messages that crash workers.
+            severity: Overrides of the severity of outcomes by reason (``"retry"`` for
+                retries), e.g. ``{"timeout": "critical"}``.
+            fallback: Awaited like the handler when its retries are exhausted (or it timed
+                out on the last attempt) or its ``breaker`` is open, before dead-lettering.
+            breaker: A :class:`CircuitBreaker`: stop consuming while a dependency fails.
         """
 
         def register(func: HandlerFunc) -> HandlerFunc:

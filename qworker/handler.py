@@ -27,6 +27,12 @@ Decoder = Callable[[bytes, str | None, str | None], Any]
 
 _JSON_TYPES = ("application/json", "text/json")
 
+#: A handler's default time limit per execution, in seconds. Finite on purpose: RabbitMQ
+#: closes the channel of a delivery held past its ``consumer_timeout`` (30 minutes by
+#: default), which would return every delivery of that channel; a handler that hangs
+#: is turned into a ``HandlerTimeout`` (transient) long before. ``timeout=None`` lifts it.
+DEFAULT_TIMEOUT = 300.0
+
 
 def _is_json(content_type: str | None) -> bool:
     if not content_type:

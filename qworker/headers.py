@@ -8,7 +8,7 @@ grow a message without bound nor survive into a dead letter as if it were ours.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,6 +40,7 @@ WORKER = "x-qworker-worker"
 HISTORY = "x-qworker-history"
 REPLAY_COUNT = "x-qworker-replay-count"
 REPLAYED_AT = "x-qworker-replayed-at"
+DROPPED_HEADERS = "x-qworker-dropped-headers"
 
 #: Failure headers that replay resets.
 FAILURE_HEADERS = frozenset(
@@ -59,6 +60,7 @@ FAILURE_HEADERS = frozenset(
 
 #: Every header qworker writes.
 NAMES = FAILURE_HEADERS | {
+    DROPPED_HEADERS,
     QUEUE,
     HANDLER,
     ORIGINAL_EXCHANGE,
@@ -287,6 +289,8 @@ def encoded_size(value: Any) -> int:
     """An upper estimate of a header value's size on the wire, in bytes."""
     if isinstance(value, str):
         return len(value.encode("utf-8", "replace")) + 5
+    if isinstance(value, bytes | bytearray | memoryview):
+        return len(value) + 5
     if isinstance(value, Mapping):
         return sum(len(k) + 1 + encoded_size(v) for k, v in value.items()) + 5
     if isinstance(value, list | tuple):
@@ -307,3 +311,48 @@ def _fit(ours: dict[str, Any]) -> None:
         ours[ERROR_TRACEBACK] = truncate(tb, room, keep_tail=True)
     while total() > TOTAL_LIMIT and ours[HISTORY]:
         ours[HISTORY] = ours[HISTORY][1:]
+
+
+#: What gives way, in this order, when a copy does not fit the connection's frame size:
+#: the largest user headers first (whole), then qworker's longest texts (cut).
+_SHRINKABLE = (ERROR_TRACEBACK, HISTORY, ERROR_MESSAGE)
+
+
+def fit_frame(
+    headers: dict[str, Any], size: Callable[[dict[str, Any]], int], budget: int
+) -> dict[str, Any]:
+    """``headers`` made small enough that ``size(headers) <= budget`` (the frame limit).
+
+    AMQP sends a message's properties in one frame, so a copy whose headers outgrow the
+    negotiated ``frame_max`` makes the broker close the connection (``frame_too_large``)
+    and the copy can never be published. User headers give way first, largest first, and
+    are named with their sizes in ``x-qworker-dropped-headers``; then qworker's traceback,
+    history and error message are cut. ``size`` is the exact encoded size (costly); it is
+    only called when the cheap estimate says the headers may not fit.
+    """
+    if sum(len(k) + 1 + encoded_size(v) for k, v in headers.items()) <= budget // 2:
+        return headers
+    if size(headers) <= budget:
+        return headers
+    fitted = dict(headers)
+    dropped: list[str] = []
+    users = sorted(
+        (k for k in fitted if not k.startswith(PREFIX)),
+        key=lambda k: encoded_size(fitted[k]),
+        reverse=True,
+    )
+    for name in users:
+        dropped.append(f"{name} ({encoded_size(fitted.pop(name))} bytes)")
+        fitted[DROPPED_HEADERS] = dropped[-HISTORY_LENGTH:]
+        if size(fitted) <= budget:
+            return fitted
+    for name in _SHRINKABLE:
+        while (value := fitted.get(name)) and size(fitted) > budget:
+            if isinstance(value, list):
+                shorter: Any = value[1:]
+            else:
+                shorter = truncate(str(value), len(str(value).encode("utf-8", "replace")) // 2)
+            if shorter == value:  # down to the truncation mark: nothing more to gain here
+                break
+            fitted[name] = shorter
+    return fitted

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -19,8 +19,10 @@ import pydantic
 import structlog
 from aio_pika.abc import AbstractChannel, DeliveryMode
 from aiormq.abc import DeliveredMessage
+from pamqp.header import ContentHeader
 
 from qworker.errors import PublishFailed
+from qworker.headers import fit_frame
 
 DEFAULT_CONFIRM_TIMEOUT = 10.0
 JSON = "application/json"
@@ -61,7 +63,9 @@ class ConfirmedPublisher:
             properties: Its properties (a message id is added when missing).
             routing_key: The queue, or the routing key on ``exchange``.
             exchange: The exchange; the default exchange routes by queue name.
-            patient: Wait for the confirm as long as the channel lives, logging
+            patient: For copies of delivered messages: make the headers fit the
+                connection's frame size (see :func:`qworker.headers.fit_frame`), and wait
+                for the confirm as long as the channel lives, logging
                 ``publish.confirm_slow`` once the timeout has passed, instead of failing at
                 the timeout. For copies: failing would give the original back while the
                 copy may still be confirmed (a broker in a memory alarm confirms late),
@@ -98,6 +102,10 @@ class ConfirmedPublisher:
         try:
             # The concrete channel: the abstract one does not declare ``wait``.
             underlay = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+            if patient and properties.headers:
+                properties.headers = fit_frame(
+                    properties.headers, _header_frame_size(properties), underlay.max_content_size
+                )
             result = await underlay.basic_publish(
                 body,
                 exchange=exchange,
@@ -163,3 +171,13 @@ def _log_slow(where: str) -> None:
         target=where,
         note="still waiting for the broker's confirm (a memory or disk alarm blocks publishers)",
     )
+
+
+def _header_frame_size(properties: aiormq.spec.Basic.Properties) -> Callable[[dict[str, Any]], int]:
+    """The exact size of the content-header frame payload of ``properties`` with other headers."""
+
+    def size(headers: dict[str, Any]) -> int:
+        properties.headers = headers
+        return len(ContentHeader(0, 0, properties).marshal())
+
+    return size

@@ -66,6 +66,12 @@ from qworker.worker import DEFAULT_CONCURRENCY, DEFAULT_GRACE, Worker
     show_default=True,
     help="Address the metrics and health server binds (0.0.0.0: every interface).",
 )
+@click.option(
+    "--no-declare",
+    is_flag=True,
+    help="Do not declare queues (for users without configure permission): check that "
+    "they exist and refuse to start otherwise.",
+)
 @url_option
 def run(
     app_spec: str,
@@ -78,6 +84,7 @@ def run(
     processes: int,
     metrics_port: int | None,
     metrics_host: str,
+    no_declare: bool,
     url: str | None,
 ) -> None:
     """Run a worker for APP (module:attribute) until SIGTERM or SIGINT.
@@ -96,6 +103,8 @@ def run(
         except ImportError as exc:
             fail(str(exc), EXIT_USAGE)
     app = load_app(app_spec, url)
+    if no_declare:
+        app.declares = False
     selected = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     try:
         app.select(selected)
@@ -106,6 +115,7 @@ def run(
         command = [sys.executable, "-m", "qworker", "run", app_spec]
         command += ["--concurrency", str(concurrency), "--grace", repr(grace)]
         command += ["--log-level", log_level]
+        command += ["--no-declare"] if no_declare else []
         command += [str(x) for option, value in options if value for x in (option, value)]
         env = dict(os.environ)
         if url:

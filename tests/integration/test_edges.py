@@ -1,0 +1,148 @@
+"""Edges of the worker on the real broker (issue 9): cancellation, frame size, declare=False."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aio_pika
+import pytest
+
+from qworker import App, Permanent, RetryPolicy
+from qworker import headers as h
+from qworker.errors import ConfigurationError
+from qworker.testing import running
+from qworker.worker import Worker
+
+pytestmark = pytest.mark.rabbitmq
+
+
+async def _ready_count(amqp: aio_pika.abc.AbstractConnection, queue: str) -> int:
+    channel = await amqp.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await channel.close()
+
+
+async def _until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_cancelled_handler_is_never_retried_and_the_grace_bound_holds(
+    broker_url: str, queue_name: str, cleanup: list[str], amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    """With immediate retries and a 1 s grace, SIGTERM-like stop cancels the hung handler once:
+    it ran once, the worker stopped within the grace (plus settling), the message is back."""
+    app = App(broker_url)
+    calls = 0
+
+    @app.handler(queue_name, retry=RetryPolicy(max_attempts=5, immediate=2), timeout=60)
+    async def handle(payload: dict[str, str]) -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(30)
+
+    cleanup.extend(s.name for s in app.topology())
+    worker = Worker(app, grace=1.0)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(worker.ready.wait(), 15)
+    await app.publish(queue_name, {"k": "v"}, message_id="m-hung")
+
+    async def started() -> bool:
+        return calls == 1
+
+    await _until(started)
+    stopped_at = time.monotonic()
+    worker.stop()
+    await asyncio.wait_for(task, 15)
+    assert time.monotonic() - stopped_at < 4.0
+    assert calls == 1
+
+    async def back() -> bool:
+        return await _ready_count(amqp, queue_name) == 1
+
+    await _until(back)
+
+
+async def test_a_copy_with_a_user_header_larger_than_the_frame_is_dead_lettered_with_context(
+    broker_url: str, queue_name: str, cleanup: list[str], amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    """A 130 KB user header fits the producer's 128 KiB frame but not a copy that adds qworker's
+    context: the largest user header gives way, is named in x-qworker-dropped-headers, the
+    others stay, and the worker keeps its one connection (no frame_too_large close)."""
+    app = App(broker_url)
+
+    @app.handler(queue_name)
+    async def handle(payload: dict[str, str]) -> None:
+        raise Permanent("unknown customer")
+
+    cleanup.extend(s.name for s in app.topology())
+    async with running(app) as worker:
+        channel = await amqp.channel()
+        big = "x" * 130_000
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                b'{"k": "v"}',
+                content_type="application/json",
+                message_id="m-big",
+                headers={"trace": big, "tenant": "acme"},
+            ),
+            routing_key=queue_name,
+        )
+        dlq = await channel.declare_queue(f"{queue_name}.dlq", passive=True)
+        message = None
+        for _ in range(200):
+            message = await dlq.get(no_ack=False, fail=False)
+            if message is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert message is not None, "no dead letter"
+        headers = message.headers or {}
+        assert headers[h.REASON] == "permanent_error"
+        assert "trace" not in headers and headers["tenant"] == "acme"
+        assert any(str(item).startswith("trace (") for item in headers[h.DROPPED_HEADERS])
+        await message.ack()
+        assert worker.connections == 1
+
+
+async def test_declare_false_refuses_to_start_when_a_queue_is_missing_and_names_it(
+    broker_url: str, queue_name: str, cleanup: list[str]
+) -> None:
+    """Without declaring, a missing queue is a one-line configuration error naming it."""
+    app = App(broker_url, declare=False)
+
+    @app.handler(queue_name)
+    async def handle(payload: dict[str, str]) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=f"'{queue_name}.dlq'"):
+        async with running(app):
+            pass
+
+
+async def test_declare_false_consumes_a_pre_declared_topology(
+    broker_url: str, queue_name: str, cleanup: list[str]
+) -> None:
+    """Pre-declared by someone else (qworker topology), the worker only checks and consumes."""
+    handled = asyncio.Event()
+    setup = App(broker_url)
+    app = App(broker_url, declare=False)
+
+    for target in (setup, app):
+
+        @target.handler(queue_name)
+        async def handle(payload: dict[str, str]) -> None:
+            handled.set()
+
+    cleanup.extend(s.name for s in app.topology())
+    await setup.declare()
+    await setup.close()
+    async with running(app):
+        await app.publish(queue_name, {"k": "v"})
+        await asyncio.wait_for(handled.wait(), 10)
