@@ -6,6 +6,7 @@ dead-lettered with its full error context. See ``qworker dlq --help`` for the to
 that inspects and replays dead letters.
 """
 
+import qworker.wire  # noqa: F401  (first: installs the type-preserving AMQP codec into pamqp)
 from qworker.alerts import Alert
 from qworker.app import App
 from qworker.breaker import CircuitBreaker
