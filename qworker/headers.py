@@ -41,6 +41,9 @@ HISTORY = "x-qworker-history"
 REPLAY_COUNT = "x-qworker-replay-count"
 REPLAYED_AT = "x-qworker-replayed-at"
 DROPPED_HEADERS = "x-qworker-dropped-headers"
+#: The broker's dead-letter history (``x-death``), merged by (queue, reason), readable for
+#: people and inert for the broker (see ``BROKER_HEADERS``).
+DEATHS = "x-qworker-deaths"
 
 #: Failure headers that replay resets.
 FAILURE_HEADERS = frozenset(
@@ -60,6 +63,7 @@ FAILURE_HEADERS = frozenset(
 
 #: Every header qworker writes.
 NAMES = FAILURE_HEADERS | {
+    DEATHS,
     DROPPED_HEADERS,
     QUEUE,
     HANDLER,
@@ -136,25 +140,44 @@ def read_history(headers: Mapping[str, Any] | None) -> list[Failure]:
 
 
 def foreign_removed(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``headers`` without any ``x-qworker-*`` key (user headers kept as they were).
+    """A copy of ``headers`` for a copy of the message: user headers kept as they were.
 
-    Values are made encodable again: pamqp decodes a non-UTF-8 header string to
-    ``bytes`` but cannot encode ``bytes``, which would make every copy of such a
-    message unpublishable; they are sent back as byte arrays.
+    Dropped: every ``x-qworker-*`` key (rewritten from sanitised values by the caller),
+    the broker's death headers (kept readable in ``x-qworker-deaths``, see
+    :func:`read_deaths`), and the broker's delivery counters (``x-delivery-count``, 4.3's
+    ``x-acquired-count``), which describe the original's deliveries, not the copy's.
+
+    Values are kept as decoded: :mod:`qworker.wire` decodes every field to a value that
+    remembers its AMQP type, so the copy carries the same types and bytes.
     """
     return {
-        k: _encodable(v)
+        k: v
         for k, v in (headers or {}).items()
-        if not k.startswith(PREFIX) and (k not in _BROKER_DEATH_HEADERS or _sane_death(k, v))
+        if not k.startswith(PREFIX) and k not in BROKER_HEADERS
     }
 
 
-# The broker reads these when it dead-letters a message again (retry tiers do, every time).
-# RabbitMQ 3.10's at-least-once dead-letter worker crashes on a malformed x-death, and with
-# it every at-least-once quorum queue of the node; a forged one is dropped from copies.
-_BROKER_DEATH_HEADERS = frozenset(
-    {"x-death", "x-first-death-queue", "x-first-death-reason", "x-first-death-exchange"}
+#: Headers the broker writes and acts on. Copies must not carry them as such: RabbitMQ
+#: 3.10-3.13 treats a dead-lettering whose ``x-death`` already names the target queue as
+#: a cycle (``rabbit_dead_letter:detect_cycles``, any reason but ``rejected``) and, with
+#: at-least-once dead-lettering, keeps the message in the source's dead-letter buffer for
+#: ever: a replayed ``delivery_limit`` dead letter that fails once would never come back
+#: from its retry tier. 3.10's at-least-once dead-letter worker also crashes on a
+#: malformed ``x-death``. RabbitMQ 4.x ignores a client's ``x-death`` and rewrites it.
+BROKER_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-first-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        "x-last-death-exchange",
+        "x-delivery-count",
+        "x-acquired-count",
+    }
 )
+DEATHS_LENGTH = 10
 _DEATH_FIELDS: dict[str, type | tuple[type, ...]] = {
     "count": int,
     "reason": str,
@@ -166,43 +189,43 @@ _DEATH_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _sane_death(name: str, value: Any) -> bool:
-    """True when a broker death header has the shape RabbitMQ writes."""
-    if name != "x-death":
-        return isinstance(value, str)
-    if not isinstance(value, list):
+def _sane_death(entry: Any) -> bool:
+    """True when one death entry has the shape RabbitMQ writes."""
+    if not isinstance(entry, Mapping):
         return False
-    for entry in value:
-        if not isinstance(entry, Mapping):
+    for field, kind in _DEATH_FIELDS.items():
+        if field in entry and (
+            not isinstance(entry[field], kind) or isinstance(entry[field], bool)
+        ):
             return False
-        for field, kind in _DEATH_FIELDS.items():
-            if field in entry and (
-                not isinstance(entry[field], kind) or isinstance(entry[field], bool)
-            ):
-                return False
-        keys = entry.get("routing-keys", [])
-        if not all(isinstance(key, str) for key in keys):
-            return False
-    return True
+    keys = entry.get("routing-keys", [])
+    return all(isinstance(key, str) for key in keys)
 
 
-def _encodable(value: Any, depth: int = 0) -> Any:
-    """``value`` with ``bytes`` turned into ``bytearray``; unchanged values keep their identity.
-
-    Nesting deeper than the wire format produces in practice is left alone.
-    """
-    if isinstance(value, bytes):
-        return bytearray(value)
-    if depth > _MAX_DEPTH:
-        return value
-    if isinstance(value, Mapping):
-        converted = {k: _encodable(v, depth + 1) for k, v in value.items()}
-        changed = any(converted[k] is not v for k, v in value.items())
-        return converted if changed else value
-    if isinstance(value, list | tuple):
-        items = [_encodable(v, depth + 1) for v in value]
-        return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
-    return value
+def read_deaths(headers: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The dead-letter history of a delivery: ``x-qworker-deaths`` merged with the broker's
+    current ``x-death``, one entry per (queue, reason) with summed counts, newest first,
+    well-formed entries only, at most ``DEATHS_LENGTH``."""
+    headers = headers or {}
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for source in (headers.get("x-death"), headers.get(DEATHS)):
+        if not isinstance(source, list | tuple):
+            continue
+        for entry in source:
+            if not _sane_death(entry) or not isinstance(entry.get("queue"), str):
+                continue
+            key = (truncate(entry["queue"], NAME_LIMIT), str(entry.get("reason", ""))[:32])
+            count = entry.get("count", 1) if isinstance(entry.get("count"), int) else 1
+            if key in merged:
+                merged[key]["count"] = min(merged[key]["count"] + count, ATTEMPT_LIMIT)
+                continue
+            kept = {"queue": key[0], "reason": key[1], "count": min(count, ATTEMPT_LIMIT)}
+            for field in ("time", "exchange"):
+                if field in entry:
+                    value = entry[field]
+                    kept[field] = truncate(value, NAME_LIMIT) if isinstance(value, str) else value
+            merged[key] = kept
+    return list(merged.values())[:DEATHS_LENGTH]
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +275,8 @@ def failure_headers(
     }
     if reason is not None:
         ours[REASON] = reason
+    if deaths := read_deaths(incoming):
+        ours[DEATHS] = deaths
     replays = read_int(incoming, REPLAY_COUNT)
     if replays:
         ours[REPLAY_COUNT] = replays
@@ -267,11 +292,13 @@ def replay_headers(incoming: Mapping[str, Any] | None, *, at: str | None = None)
     Origin headers (queue, handler, original exchange and routing key) are kept,
     sanitised, so that a later failure still records where the message began.
     """
-    kept = {
+    kept: dict[str, Any] = {
         name: value
         for name in (QUEUE, HANDLER, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY)
         if (value := read_str(incoming, name)) is not None
     }
+    if deaths := read_deaths(incoming):
+        kept[DEATHS] = deaths
     return {
         **foreign_removed(incoming),
         **kept,

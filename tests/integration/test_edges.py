@@ -146,3 +146,51 @@ async def test_declare_false_consumes_a_pre_declared_topology(
     async with running(app):
         await app.publish(queue_name, {"k": "v"})
         await asyncio.wait_for(handled.wait(), 10)
+
+
+async def test_a_replayed_broker_delivery_limit_dead_letter_that_fails_once_comes_back(
+    broker_url: str, queue_name: str, cleanup: list[str], amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    """Issue 11 item 1: the broker dead-letters a message (delivery_limit, x-death names the
+    work queue); replayed, it fails once transiently and goes through a retry tier. Carrying the
+    broker's x-death on the copy made RabbitMQ 3.x see a dead-letter cycle and keep it in the
+    tier's at-least-once buffer for ever; now it comes back and is handled."""
+    from qworker import dlq
+
+    app = App(broker_url)
+    attempts: list[int] = []
+    handled = asyncio.Event()
+
+    @app.handler(
+        queue_name, delivery_limit=1, retry=RetryPolicy(max_attempts=3, initial_delay=0.2, jitter=0)
+    )
+    async def handle(payload: dict[str, str]) -> None:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) == 1:
+            raise ConnectionError("flaky downstream")
+        handled.set()
+
+    cleanup.extend(s.name for s in app.topology())
+    await app.declare()
+    await app.publish(queue_name, {"k": "v"}, message_id="m-limit")
+    # A raw consumer returns it until the broker's delivery limit dead-letters it.
+    channel = await amqp.channel()
+    queue = await channel.get_queue(queue_name)
+    dlq_queue = await channel.get_queue(f"{queue_name}.dlq")
+    for _ in range(100):
+        message = await queue.get(no_ack=False, fail=False)
+        if message is not None:
+            await message.reject(requeue=True)
+        if await _ready_count(amqp, f"{queue_name}.dlq") == 1:
+            break
+        await asyncio.sleep(0.05)
+    dead = await dlq_queue.get(no_ack=False, fail=True)
+    assert dead.headers["x-death"][0]["reason"] == "delivery_limit"  # type: ignore[index]
+    await dead.nack(requeue=True)
+    await channel.close()
+
+    result = await dlq.replay(amqp, f"{queue_name}.dlq")
+    assert result.replayed == 1
+    async with running(app):
+        await asyncio.wait_for(handled.wait(), 15)
+    assert attempts == [1, 2]

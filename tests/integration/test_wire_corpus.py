@@ -29,7 +29,7 @@ import pytest
 
 from qworker import App, Context, Permanent, RetryPolicy, Transient, wire
 from qworker.testing import running
-from tests.helpers import eventually
+from tests.support.broker import eventually
 from tests.unit.test_wire import CORPUS
 
 pytestmark = pytest.mark.rabbitmq
@@ -47,9 +47,8 @@ MESSAGE_ID_PRINTABLE = "wire-"
 #: test_broker_refuses_non_finite_floats checks that this exclusion is still needed.
 NOT_ACCEPTED = {k for k in CORPUS if k[:2] in ("f-", "d-") and ("nan" in k or "inf" in k)}
 
-#: Headers qworker itself still changes on copies; each is an xfail below, with its cause.
-_ENCODABLE = "qworker.headers._encodable turns bytes (wire.LongBytes, an S) into bytearray (x)"
-QWORKER_CHANGES = {"S-not-utf8": _ENCODABLE, "A-nested": _ENCODABLE + ", nested in an array"}
+#: Headers of binary long strings (S that is not UTF-8), alone and nested in an array.
+BINARY_STRINGS = ("S-not-utf8", "A-nested")
 
 
 class RawField:
@@ -265,15 +264,14 @@ async def _retried_headers(
 async def test_retry_path_keeps_every_type(
     broker_url: str, queue_name: str, cleanup: list[str]
 ) -> None:
-    names = list(_corpus(set(QWORKER_CHANGES)))
+    names = list(_corpus(set()))
     first, retried, connections = await _retried_headers(broker_url, queue_name, cleanup, names)
     assert first == {k: CORPUS[k] for k in names}
     assert retried == first
     assert connections == 1
 
 
-@pytest.mark.xfail(strict=True, reason=_ENCODABLE)
-@pytest.mark.parametrize("name", list(QWORKER_CHANGES))
+@pytest.mark.parametrize("name", BINARY_STRINGS)
 async def test_retry_path_keeps_a_binary_long_string(
     broker_url: str, queue_name: str, cleanup: list[str], name: str
 ) -> None:
@@ -318,7 +316,7 @@ async def _dead_letter(
 async def test_dead_letter_path_keeps_every_type_and_the_dlq_tool_shows_it(
     broker_url: str, queue_name: str, cleanup: list[str]
 ) -> None:
-    corpus = _corpus(set(QWORKER_CHANGES))
+    corpus = _corpus(set())
     fields = await _dead_letter(broker_url, queue_name, cleanup, corpus)
     assert {k: v for k, v in fields.items() if k in CORPUS} == corpus
     assert fields["x-qworker-classification"][:1] == b"S"
@@ -353,8 +351,7 @@ async def test_dlq_tool_json_shows_a_timestamp_past_9999(
     assert MESSAGE_ID_PRINTABLE in out
 
 
-@pytest.mark.xfail(strict=True, reason=_ENCODABLE)
-@pytest.mark.parametrize("name", list(QWORKER_CHANGES))
+@pytest.mark.parametrize("name", BINARY_STRINGS)
 async def test_dead_letter_path_keeps_a_binary_long_string(
     broker_url: str, queue_name: str, cleanup: list[str], name: str
 ) -> None:

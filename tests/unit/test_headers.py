@@ -155,7 +155,8 @@ def test_failure_headers_sets_every_header_with_the_right_type() -> None:
     """A first failure writes all SPEC section 4 headers, typed as the contract says."""
     error = _error(ChargeDeclined("card declined"))
     out = _fail({}, attempt=1, error=error)
-    assert set(_ours(out)) == OUR_NAMES - {h.REASON, h.REPLAY_COUNT, h.REPLAYED_AT}
+    optional = {h.REASON, h.REPLAY_COUNT, h.REPLAYED_AT, h.DEATHS, h.DROPPED_HEADERS}
+    assert set(_ours(out)) == OUR_NAMES - optional
     assert out[h.ATTEMPT] == 1
     assert out[h.ERROR_TYPE] == f"{__name__}.ChargeDeclined"
     assert out[h.ERROR_MESSAGE] == "card declined"
@@ -230,23 +231,26 @@ def test_error_type_of_a_nested_class_uses_its_qualname() -> None:
     assert name.endswith("Outer.Inner")
 
 
-def test_user_headers_and_x_death_are_kept_as_they_were() -> None:
-    """Every header not named x-qworker-* passes through untouched, x-death included."""
+def test_user_headers_are_kept_as_they_were_and_x_death_becomes_ours() -> None:
+    """Every header not named x-qworker-* passes through untouched, except the broker's death
+    history, which is carried inertly as x-qworker-deaths (issue 11: a copied x-death makes
+    RabbitMQ 3.x see a dead-letter cycle)."""
     x_death = [{"count": 1, "reason": "expired", "queue": "orders.placed.retry.1s"}]
     blob = {"nested": [1, 2.5, None, b"\x00"], "when": datetime(2020, 1, 1)}
     incoming = {
-        "x-death": x_death,
         "tenant": "acme",
         "trace": blob,
         "amount": Decimal("9.99"),
         "x-qworker": "no dash, not ours",
         "X-QWORKER-ATTEMPT": "other case, not ours",
     }
-    out = _fail(incoming)
+    out = _fail({**incoming, "x-death": x_death})
     for key, value in incoming.items():
         # Same value; binary strings come back as byte arrays (pamqp cannot encode bytes).
         assert out[key] == value
         assert type(out[key]) is (bytearray if isinstance(value, bytes) else type(value))
+    assert "x-death" not in out
+    assert out[h.DEATHS] == [{"queue": "orders.placed.retry.1s", "reason": "expired", "count": 1}]
 
 
 def test_foreign_x_qworker_headers_are_dropped() -> None:
@@ -698,7 +702,8 @@ def test_read_history_of_other_containers(value: Any) -> None:
 
 def test_replay_resets_failure_headers_and_keeps_origin_and_user_headers() -> None:
     """Replay clears the failure context, counts the replay and keeps where the message began."""
-    dead = _fail({"tenant": "acme", "x-death": [{"count": 1}]}, reason="permanent_error", at=T1)
+    death = {"count": 1, "reason": "delivery_limit", "queue": "orders.placed"}
+    dead = _fail({"tenant": "acme", "x-death": [death]}, reason="permanent_error", at=T1)
     replayed = h.replay_headers(dead, at=T2)
     for name in h.FAILURE_HEADERS:
         assert name not in replayed
@@ -709,7 +714,8 @@ def test_replay_resets_failure_headers_and_keeps_origin_and_user_headers() -> No
     assert replayed[h.ORIGINAL_EXCHANGE] == "shop"
     assert replayed[h.ORIGINAL_ROUTING_KEY] == "order.placed"
     assert replayed["tenant"] == "acme"
-    assert replayed["x-death"] == [{"count": 1}]
+    assert "x-death" not in replayed
+    assert replayed[h.DEATHS] == [death]
     assert h.read_attempt(replayed) == 0
 
 
@@ -855,8 +861,9 @@ def test_malformed_x_death_is_dropped_from_copies(forged: Any) -> None:
     assert "x-death" not in h.replay_headers({"x-death": forged})
 
 
-def test_well_formed_x_death_and_first_death_headers_are_kept() -> None:
-    """The broker's own death headers pass through unchanged."""
+def test_broker_death_headers_are_carried_as_x_qworker_deaths_merged_by_queue_and_reason() -> None:
+    """The broker's own death headers never ride on a copy as such; their content is kept in
+    x-qworker-deaths, merged with earlier history by (queue, reason), counts summed."""
     death = [
         {
             "count": 2,
@@ -868,5 +875,8 @@ def test_well_formed_x_death_and_first_death_headers_are_kept() -> None:
         }
     ]
     out = _fail({"x-death": death, "x-first-death-queue": "orders.retry.1s"})
-    assert out["x-death"] == death
-    assert out["x-first-death-queue"] == "orders.retry.1s"
+    assert "x-death" not in out and "x-first-death-queue" not in out
+    expected = {k: death[0][k] for k in ("queue", "reason", "count", "time", "exchange")}
+    assert out[h.DEATHS] == [expected]
+    again = _fail({**out, "x-death": death})
+    assert again[h.DEATHS] == [{**expected, "count": 4}]
