@@ -6,27 +6,52 @@ dead-lettered with its full error context. See ``qworker dlq --help`` for the to
 that inspects and replays dead letters.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 import qworker.wire  # noqa: F401  (first: installs the type-preserving AMQP codec into pamqp)
 from qworker.alerts import Alert
 from qworker.app import App
 from qworker.breaker import CircuitBreaker
 from qworker.context import Context
-from qworker.errors import Permanent, Retry, Transient
-from qworker.events import Outcome, Severity
+from qworker.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    DecodeError,
+    HandlerTimeout,
+    Permanent,
+    PublishFailed,
+    QworkerError,
+    Retry,
+    Transient,
+)
+from qworker.events import CircuitState, Observer, Outcome, OutcomeKind, Severity
 from qworker.retry import RetryPolicy
 from qworker.worker import Worker
 
 __all__ = [
     "Alert",
     "App",
+    "BrokerUnavailable",
     "CircuitBreaker",
+    "CircuitState",
+    "ConfigurationError",
     "Context",
+    "DecodeError",
+    "HandlerTimeout",
+    "Observer",
     "Outcome",
+    "OutcomeKind",
     "Permanent",
+    "PublishFailed",
+    "QworkerError",
     "Retry",
     "RetryPolicy",
     "Severity",
     "Transient",
     "Worker",
 ]
-__version__ = "0.1.0"
+
+try:
+    __version__ = version("qworker")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"

@@ -39,6 +39,17 @@ class Reason(StrEnum):
     EXPIRED = "expired"
 
 
+#: Reasons qworker writes to ``x-qworker-reason``.
+QWORKER_REASONS: tuple[Reason, ...] = (
+    Reason.PERMANENT_ERROR,
+    Reason.RETRIES_EXHAUSTED,
+    Reason.DECODE_ERROR,
+    Reason.TIMEOUT,
+)
+#: Reasons RabbitMQ writes to ``x-death`` when it dead-letters a message itself.
+BROKER_REASONS: tuple[Reason, ...] = (Reason.DELIVERY_LIMIT, Reason.REJECTED, Reason.EXPIRED)
+
+
 class Action(Enum):
     """What the consumer does with a failed delivery."""
 

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from qworker.classify import Reason
+
 
 class Severity(StrEnum):
     """How urgently a person should look at an outcome."""
@@ -37,17 +39,21 @@ class CircuitState(StrEnum):
     HALF_OPEN = "half_open"
 
 
-#: Severity of each dead-letter reason, and of a scheduled retry.
+#: The severity key of a scheduled retry (the other keys are dead-letter reasons).
+RETRY = "retry"
+
+#: Severity of each dead-letter reason (:class:`qworker.classify.Reason`), and of a retry.
 DEFAULT_SEVERITY: Mapping[str, Severity] = {
-    "retry": Severity.LOW,
-    "decode_error": Severity.MEDIUM,
-    "permanent_error": Severity.HIGH,
-    "retries_exhausted": Severity.HIGH,
-    "timeout": Severity.HIGH,
-    "delivery_limit": Severity.CRITICAL,
-    "rejected": Severity.HIGH,
-    "expired": Severity.MEDIUM,
+    RETRY: Severity.LOW,
+    Reason.DECODE_ERROR: Severity.MEDIUM,
+    Reason.PERMANENT_ERROR: Severity.HIGH,
+    Reason.RETRIES_EXHAUSTED: Severity.HIGH,
+    Reason.TIMEOUT: Severity.HIGH,
+    Reason.DELIVERY_LIMIT: Severity.CRITICAL,
+    Reason.REJECTED: Severity.HIGH,
+    Reason.EXPIRED: Severity.MEDIUM,
 }
+assert set(DEFAULT_SEVERITY) == {RETRY, *Reason}, "every reason has a default severity"
 
 
 def severity_of(
@@ -59,7 +65,7 @@ def severity_of(
     """
     if kind is OutcomeKind.SUCCEEDED:
         return None
-    key = "retry" if kind is OutcomeKind.RETRIED else (reason or "permanent_error")
+    key = RETRY if kind is OutcomeKind.RETRIED else (reason or Reason.PERMANENT_ERROR)
     if overrides and key in overrides:
         return overrides[key]
     return DEFAULT_SEVERITY.get(key, Severity.HIGH)

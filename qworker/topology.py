@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import aio_pika
 import aiormq
+import structlog
 
 from qworker.errors import ConfigurationError
 from qworker.retry import tier_name
@@ -25,9 +26,13 @@ _MAX_NAME_BYTES = 255
 _LONGEST_SUFFIX = len(".retry.") + len("604800000ms")
 
 
+#: A handler queue's DLQ is named after it with this suffix (``orders`` -> ``orders.dlq``).
+DLQ_SUFFIX = ".dlq"
+
+
 def dlq_name(queue: str) -> str:
     """The dead-letter queue of ``queue``."""
-    return f"{queue}.dlq"
+    return queue + DLQ_SUFFIX
 
 
 def retry_queue_name(queue: str, tier_ms: int) -> str:
@@ -137,8 +142,11 @@ async def declare(connection: aio_pika.abc.AbstractConnection, specs: list[Queue
 async def check(connection: aio_pika.abc.AbstractConnection, specs: list[QueueSpec]) -> None:
     """Check that every queue of ``specs`` exists, without declaring (for ``declare=False``).
 
-    A passive declare needs no ``configure`` permission on RabbitMQ 3.x; it cannot see a
-    queue's arguments, so only missing queues are found here.
+    A passive declare cannot see a queue's arguments, so only missing queues are found
+    here. It needs no ``configure`` permission, except on RabbitMQ 4.2.6 and 4.3.0
+    (release notes: "configure permission checks now apply to passive queue
+    declarations", relaxed again to any permission in 4.2.7 and 4.3.1); there the check
+    is skipped with a warning, and a missing work queue is reported when consuming it.
 
     Raises:
         ConfigurationError: a queue is missing (every missing one is named).
@@ -151,9 +159,13 @@ async def check(connection: aio_pika.abc.AbstractConnection, specs: list[QueueSp
         except aiormq.exceptions.ChannelNotFoundEntity:
             missing.append(spec.name)
         except aiormq.exceptions.ChannelAccessRefused as exc:
-            raise ConfigurationError(
-                f"not allowed to check queue {spec.name!r} ({_reply_text(exc)})"
-            ) from None
+            structlog.get_logger("qworker").warning(
+                "topology.check_refused",
+                queue=spec.name,
+                error=_reply_text(exc),
+                note="passive declares need configure permission on RabbitMQ 4.2.6 and 4.3.0",
+            )
+            return
         finally:
             if not channel.is_closed:
                 await channel.close()

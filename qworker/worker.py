@@ -188,6 +188,11 @@ class Worker:
                 raise ConfigurationError(
                     f"not allowed to consume queue {consumer.handler.queue!r}: {exc}"
                 ) from None
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise ConfigurationError(
+                    f"queue {consumer.handler.queue!r} does not exist; declare it "
+                    "(qworker topology APP shows its arguments) or drop --no-declare"
+                ) from None
 
     async def _abandon(self, connection: AbstractConnection) -> None:
         """Let go of a lost (or half set up) connection; running handlers finish on their own."""

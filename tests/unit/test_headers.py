@@ -797,9 +797,9 @@ _history_entries = st.fixed_dictionaries(
         "error_message": _amqp_values,
     },
 )
-_keys = st.sampled_from(sorted(OUR_NAMES | {"x-death", "tenant", "x-qworker-evil"})) | st.text(
-    max_size=20
-)
+_keys = st.sampled_from(
+    sorted(OUR_NAMES | h.BROKER_HEADERS | {"tenant", "x-qworker-evil"})
+) | st.text(max_size=20)
 _headers = st.builds(
     lambda base, history: {**base, **({h.HISTORY: history} if history is not None else {})},
     st.dictionaries(_keys, _amqp_values, max_size=10),
@@ -813,11 +813,12 @@ def test_failure_headers_are_sane_for_any_incoming_headers(
     incoming: dict[str, Any], attempt: int
 ) -> None:
     """Whatever a producer sent, the copy's x-qworker-* headers are ours, typed and capped,
-    and every other header is passed through unchanged."""
+    no broker header rides along, and every other header is passed through unchanged."""
     out = _fail(incoming, attempt=attempt, reason="retries_exhausted")
     _check_sane(out, attempt)
+    assert not set(out) & h.BROKER_HEADERS
     for key, value in incoming.items():
-        if not key.startswith(h.PREFIX) and not key.startswith(("x-death", "x-first-death")):
+        if not key.startswith(h.PREFIX) and key not in h.BROKER_HEADERS:
             assert out[key] == value
 
 
@@ -835,8 +836,9 @@ def test_readers_and_replay_are_sane_for_any_incoming_headers(incoming: dict[str
     assert set(_ours(replayed)) <= OUR_NAMES
     assert 1 <= replayed[h.REPLAY_COUNT] <= h.ATTEMPT_LIMIT + 1
     assert _wire_size(_ours(replayed)) < h.TOTAL_LIMIT
+    assert not set(replayed) & h.BROKER_HEADERS
     for key, value in incoming.items():
-        if not key.startswith(h.PREFIX) and not key.startswith(("x-death", "x-first-death")):
+        if not key.startswith(h.PREFIX) and key not in h.BROKER_HEADERS:
             assert replayed[key] == value
 
 
