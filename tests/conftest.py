@@ -1,24 +1,22 @@
-"""Shared fixtures: the broker URL (real RabbitMQ, never mocked) and uuid-named queues."""
+"""Shared fixtures: the broker URL (real RabbitMQ, never mocked) and uuid-named queues.
+
+The rest of the toolkit is in ``tests/support``."""
 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
 import pytest
 
+from tests.support.broker import answers
+
+#: The toolkit's fixtures (``worker``, ``management_url``) for every suite.
+pytest_plugins = ["tests.support.fixtures"]
+
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _docker_available() -> bool:
@@ -40,7 +38,7 @@ def broker_url() -> Iterator[str]:
     if url := os.environ.get("QWORKER_TEST_URL"):
         yield url
         return
-    if _answers("127.0.0.1", 5672):
+    if answers("127.0.0.1", 5672):
         yield LOCAL_URL
         return
     if _docker_available():

@@ -23,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from qworker import App, Context, Permanent, RetryPolicy
+from tests.support.cli import subprocess_env
 
 URLS = os.environ.get("QWF_URL", "amqp://guest:guest@127.0.0.1:5672/").split(",")
 NAME = os.environ.get("QWF_NAME", "qwf")
@@ -39,6 +42,22 @@ CA = os.environ.get("QWF_CA") or None
 POLICY = RetryPolicy(max_attempts=3, initial_delay=0.2, multiplier=2.0, jitter=0)
 
 _fd: int | None = None
+
+
+def worker_env(
+    urls: Sequence[str], name: str, queue: str, ledger: Path, control: Path, **extra: str
+) -> dict[str, str]:
+    """The environment of a worker of these apps, for :class:`tests.support.workers.WorkerPool`."""
+    return subprocess_env(
+        {
+            "QWF_URL": ",".join(urls),
+            "QWF_NAME": name,
+            "QWF_QUEUE": queue,
+            "QWF_LEDGER": str(ledger),
+            "QWF_CONTROL": str(control),
+            **extra,
+        }
+    )
 
 
 def record(kind: str, message_id: str, attempt: int) -> None:

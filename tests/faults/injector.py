@@ -13,7 +13,7 @@ from typing import Any
 
 from tests.faults.nodes import ctl
 from tests.faults.stream import DlqDrain
-from tests.faults.workers import WorkerPool
+from tests.support.workers import WorkerPool
 
 #: Seconds of stream each kind of fault needs (injection, outage, and a little recovery), so
 #: that every fault happens while messages still flow.

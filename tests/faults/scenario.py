@@ -15,12 +15,13 @@ from pathlib import Path
 
 from qworker.topology import queue_specs
 from tests.faults.accounting import Summary, account
-from tests.faults.fault_app import POLICY
+from tests.faults.fault_app import POLICY, worker_env
 from tests.faults.injector import FAULT_BUDGET, Injector, Target, make_schedule, make_schedule_kinds
 from tests.faults.nodes import ctl
 from tests.faults.size import SIZE, seed
 from tests.faults.stream import DlqDrain, Ledger, Publisher, connect_any, make_items
-from tests.faults.workers import WorkerPool, worker_env
+from tests.support.broker import depth
+from tests.support.workers import WorkerPool
 
 
 async def queue_depths(urls: Sequence[str], names: Sequence[str]) -> dict[str, int]:
@@ -29,15 +30,10 @@ async def queue_depths(urls: Sequence[str], names: Sequence[str]) -> dict[str, i
     depths: dict[str, int] = {}
     try:
         for name in names:
-            channel = await connection.channel()
             try:
-                declared = await channel.declare_queue(name, passive=True)
-                depths[name] = int(declared.declaration_result.message_count or 0)
+                depths[name] = await depth(connection, name)
             except Exception:
                 depths[name] = -1
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
     finally:
         await connection.close()
     return depths

@@ -24,12 +24,13 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 
+from tests.faults.fault_app import worker_env
 from tests.faults.hostile import SUFFIXES, Hostile, LoopThread, hostile_messages
 from tests.faults.nodes import RabbitNode, ctl
 from tests.faults.scenario import delete_queues
 from tests.faults.size import SIZE
 from tests.faults.stream import DlqDrain, Ledger
-from tests.faults.workers import WorkerPool, worker_env
+from tests.support.workers import WorkerPool
 
 pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq, pytest.mark.timeout(SIZE.timeout)]
 
@@ -227,7 +228,7 @@ def test_hostile_messages_never_crash_the_worker_nor_get_lost(
 
     publish_one()
     missing = target.wait_accounted(120)
-    assert target.alive(), target.pool.workers[0].tail()
+    assert target.alive(), target.pool.workers[0].output()
 
     dead = target.dead()
     outcomes = Counter(

@@ -22,11 +22,13 @@ from pathlib import Path
 import pytest
 
 from qworker import App
+from tests.faults.fault_app import worker_env
 from tests.faults.nodes import ROOT
 from tests.faults.scenario import delete_queues, queue_depths, queue_names
 from tests.faults.size import SIZE, seed
 from tests.faults.stream import DlqDrain, Ledger
-from tests.faults.workers import WorkerPool, worker_env
+from tests.support.broker import eventually
+from tests.support.workers import WorkerPool
 
 pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq, pytest.mark.timeout(SIZE.timeout)]
 
@@ -69,10 +71,10 @@ async def test_replay_killed_mid_way_loses_nothing(broker_url: str, tmp_path: Pa
         async def dead_letters() -> int:
             return (await queue_depths([broker_url], [dlq]))[dlq]
 
-        deadline = time.monotonic() + 60
-        while await dead_letters() < count:
-            assert time.monotonic() < deadline, "dead letters did not arrive"
-            await asyncio.sleep(0.2)
+        async def all_dead() -> bool:
+            return await dead_letters() >= count
+
+        await eventually(all_dead, 60, 0.2, "dead letters did not arrive")
         assert not ledger.processed
 
         for k in range(kills):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,11 +20,12 @@ from typing import Any
 import aio_pika
 import pytest
 
-from tests.faults.fault_app import SECRETS
+from tests.faults.fault_app import SECRETS, worker_env
 from tests.faults.nodes import ROOT, RabbitNode, ctl, free_port
 from tests.faults.scenario import delete_queues
 from tests.faults.size import SIZE
-from tests.faults.workers import WorkerPool, worker_env
+from tests.support.cli import qworker_command
+from tests.support.workers import WorkerPool
 
 pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq, pytest.mark.timeout(SIZE.timeout)]
 
@@ -123,7 +123,7 @@ def test_unreachable_broker_url_password_never_printed(tmp_path: Path) -> None:
     out, err = tmp_path / "out", tmp_path / "err"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "qworker", "run", "tests.faults.fault_app:app", "--url", url],
+            qworker_command("run", "tests.faults.fault_app:app", "--url", url),
             cwd=ROOT,
             env=worker_env([url], "qwf-unreach", "qwf.unreach", tmp_path, tmp_path),
             stdout=o,

@@ -22,11 +22,12 @@ import pytest
 from qworker import App, Context, Permanent, RetryPolicy
 from qworker.errors import QworkerError
 from qworker.testing import running
+from tests.faults.fault_app import worker_env
 from tests.faults.nodes import ROOT, Certificates, RabbitNode, ctl
 from tests.faults.scenario import delete_queues
 from tests.faults.size import SIZE
 from tests.faults.stream import Ledger
-from tests.faults.workers import WorkerPool, worker_env
+from tests.support.workers import WorkerPool
 
 pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq, pytest.mark.timeout(SIZE.timeout)]
 

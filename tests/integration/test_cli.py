@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import aio_pika
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def qworker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qworker", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+from tests.support import ROOT
+from tests.support.cli import qworker_command, run_cli, subprocess_env
 
 
 def test_topology_prints_every_queue_with_its_arguments_as_json() -> None:
     """`qworker topology --json` lists the work queue, its DLQ and one queue per retry tier."""
-    result = qworker("topology", "examples.orders.app:app", "--json")
+    result = run_cli("topology", "examples.orders.app:app", "--json")
     assert result.returncode == 0, result.stderr
     specs = [json.loads(line) for line in result.stdout.splitlines()]
     names = {spec["name"]: spec for spec in specs}
@@ -55,7 +42,7 @@ def test_bad_app_spec_is_one_line_and_a_documented_exit_code(
     spec: str, code: int, fragment: str
 ) -> None:
     """A wrong APP argument: exit 2 (usage) or 3 (app), one line on stderr, no traceback."""
-    result = qworker("topology", spec)
+    result = run_cli("topology", spec)
     assert result.returncode == code
     assert fragment in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -72,7 +59,7 @@ async def test_topology_conflict_exits_3_with_one_line_and_no_traceback(
     cleanup.extend(["orders.placed.conflict-test", "orders.placed.conflict-test.dlq"])
     app_module = ROOT / "tests" / "apps" / "conflict_app.py"
     assert app_module.exists()
-    result = qworker(
+    result = run_cli(
         "run",
         "tests.apps.conflict_app:app",
         "--log-format",
@@ -88,9 +75,9 @@ async def test_topology_conflict_exits_3_with_one_line_and_no_traceback(
 def test_unreachable_broker_is_retried_and_logged_with_a_masked_password() -> None:
     """No broker at the URL: the worker keeps retrying with backoff and says so, password masked."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "qworker", "run", "examples.orders.app:app", "--log-format", "json"],
+        qworker_command("run", "examples.orders.app:app", "--log-format", "json"),
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "QWORKER_URL": "amqp://u:s3cret@127.0.0.1:1/"},
+        env=subprocess_env({"QWORKER_URL": "amqp://u:s3cret@127.0.0.1:1/"}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

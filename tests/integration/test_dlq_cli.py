@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from aio_pika.abc import AbstractConnection
 
-from tests.test_dlq_support import (
-    ROOT,
-    depth,
-    drain,
-    invoke,
-    letters,
-    make_dlq,
-    publish,
-    qworker_command,
-    run_cli,
-)
+from tests.support import ROOT
+from tests.support.broker import depth, eventually
+from tests.support.cli import qworker_command, run_cli, subprocess_env
+from tests.support.dlq import drain, invoke, letters, make_dlq, publish
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -98,14 +89,17 @@ async def test_kill_9_during_replay_loses_nothing(
             "dlq", "replay", f"{queue_name}.dlq", "--rate", "1500", "--url", broker_url
         ),
         cwd=ROOT,
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while await depth(amqp, queue_name) < 500:
-            assert time.monotonic() < deadline and process.poll() is None
-            await asyncio.sleep(0.01)
+
+        async def half_way() -> bool:
+            assert process.poll() is None
+            return await depth(amqp, queue_name) >= 500
+
+        await eventually(half_way, 30, 0.01)
         process.send_signal(signal.SIGKILL)
         assert process.wait(10) == -signal.SIGKILL
     finally:
@@ -130,14 +124,17 @@ async def test_kill_9_during_export_remove_loses_nothing(
             "dlq", "export", f"{queue_name}.dlq", "-o", str(out), "--remove", "--url", broker_url
         ),
         cwd=ROOT,
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not out.exists() or out.read_bytes().count(b"\n") < 2500:
-            assert time.monotonic() < deadline and process.poll() is None
-            await asyncio.sleep(0.002)
+
+        def a_third_written() -> bool:
+            assert process.poll() is None
+            return out.exists() and out.read_bytes().count(b"\n") >= 2500
+
+        await eventually(a_third_written, 30, 0.002)
         os.kill(process.pid, signal.SIGKILL)
         assert process.wait(10) == -signal.SIGKILL
     finally:

@@ -13,10 +13,10 @@ from aio_pika.abc import AbstractConnection
 
 from qworker import App, dlq
 from qworker.topology import QueueType
-from tests.test_dlq_support import (
+from tests.support.broker import depth
+from tests.support.dlq import (
     Letter,
     broker_dead_letters,
-    depth,
     drain,
     failure,
     invoke,
@@ -223,7 +223,7 @@ async def test_ls_lists_the_app_dlqs_with_count_oldest_failure_and_top_errors(
         ],
     )
     result = await invoke(
-        "dlq", "ls", "tests.test_dlq_inspect:LS_APP", "--queue", "nope.dlq", "--url", broker_url
+        "dlq", "ls", f"{__name__}:LS_APP", "--queue", "nope.dlq", "--url", broker_url
     )
     assert result.exit_code == 0, result.output
     line = next(x for x in result.stdout.splitlines() if x.startswith(f"{LS_QUEUE}.dlq"))

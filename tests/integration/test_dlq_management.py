@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import aio_pika
 import pytest
 
 from qworker.dlq.management import ManagementError, dlq_names, queues_url
-
-ROOT = Path(__file__).resolve().parents[1]
-MANAGEMENT_URL = os.environ.get("QWORKER_TEST_MANAGEMENT_URL", "http://guest:guest@127.0.0.1:15672")
+from tests.support.cli import run_cli
 
 
 def test_dlq_names_keeps_only_dlq_suffixed_names_sorted() -> None:
@@ -42,7 +35,10 @@ def test_queues_url_moves_credentials_to_a_header_and_quotes_the_vhost() -> None
 
 @pytest.mark.rabbitmq
 async def test_ls_with_management_url_lists_every_dlq_of_the_broker(
-    amqp: aio_pika.abc.AbstractConnection, queue_name: str, cleanup: list[str]
+    amqp: aio_pika.abc.AbstractConnection,
+    queue_name: str,
+    cleanup: list[str],
+    management_url: str,
 ) -> None:
     """A DLQ no APP names shows up in `dlq ls --management-url`, with its message count."""
     dlq = f"{queue_name}.dlq"
@@ -50,14 +46,7 @@ async def test_ls_with_management_url_lists_every_dlq_of_the_broker(
     channel = await amqp.channel()
     await channel.declare_queue(dlq, durable=True)
     await channel.default_exchange.publish(aio_pika.Message(b"x"), routing_key=dlq)
-    result = subprocess.run(
-        [sys.executable, "-m", "qworker", "dlq", "ls", "--management-url", MANAGEMENT_URL],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli("dlq", "ls", "--management-url", management_url, timeout=60)
     assert result.returncode == 0, result.stderr
     (row,) = [line for line in result.stdout.splitlines() if line.startswith(dlq)]
     assert row.split()[1] == "1"
@@ -66,22 +55,7 @@ async def test_ls_with_management_url_lists_every_dlq_of_the_broker(
 
 def test_ls_with_an_unreachable_management_api_is_one_line_and_exit_1() -> None:
     """A management URL that does not answer: one line on stderr, password masked, exit 1."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "qworker",
-            "dlq",
-            "ls",
-            "--management-url",
-            "http://u:s3cret@127.0.0.1:1",
-        ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli("dlq", "ls", "--management-url", "http://u:s3cret@127.0.0.1:1", timeout=60)
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1
     assert "s3cret" not in result.stderr and "Traceback" not in result.stderr

@@ -16,11 +16,10 @@ from pydantic import BaseModel
 from qworker import App, Context, Permanent, RetryPolicy, dlq
 from qworker import headers as h
 from qworker.testing import running
-from tests.test_dlq_support import (
+from tests.support.broker import depth, eventually_depth
+from tests.support.dlq import (
     Letter,
-    depth,
     drain,
-    eventually_depth,
     failure,
     invoke,
     letters,
@@ -360,7 +359,7 @@ async def test_edit_validates_with_the_handler_then_replays_the_new_body(
     cleanup.extend(await make_dlq(amqp, EDIT_QUEUE))
     bad = b'{"order_id": "o1", "amount_cents": "lots"}'
     await publish(amqp, f"{EDIT_QUEUE}.dlq", [Letter(bad, failure(EDIT_QUEUE), "e1")])
-    app = "tests.test_dlq_replay:EDIT_APP"
+    app = f"{__name__}:EDIT_APP"
     args = ("dlq", "edit", f"{EDIT_QUEUE}.dlq", "e1", "--app", app, "--url", broker_url)
 
     invalid = await invoke(*args, env={"EDITOR": "sed -i s/lots/many/"})

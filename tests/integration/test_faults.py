@@ -6,7 +6,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import time
 from typing import Any
 
 import aio_pika
@@ -16,8 +15,8 @@ import pytest
 from qworker import App, Context, Permanent, RetryPolicy
 from qworker import headers as h
 from qworker.testing import running
-from tests.helpers import depth, eventually, take
-from tests.integration.conftest import WorkerProcess
+from tests.support.broker import depth, eventually, take
+from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -28,12 +27,15 @@ async def publish_many(app: App, queue: str, items: list[dict[str, Any]]) -> Non
 
 
 async def test_kill_9_while_retries_wait_in_the_broker_loses_nothing(
-    broker_url: str, worker_process: WorkerProcess, amqp: aio_pika.abc.AbstractConnection
+    broker_url: str,
+    queue_name: str,
+    worker: WorkerProcess,
+    amqp: aio_pika.abc.AbstractConnection,
 ) -> None:
     """Retries scheduled in the broker survive kill -9 of the worker and run after a restart."""
-    queue = worker_process.queue
-    worker_process.env["QWORKER_TEST_DELAY"] = "2"
-    worker_process.start()
+    queue = queue_name
+    worker.env["QWORKER_APP_DELAY"] = "2"
+    worker.start()
     app = App(broker_url)
     ids = [f"k-{i}" for i in range(30)]
     async with app:
@@ -43,39 +45,38 @@ async def test_kill_9_while_retries_wait_in_the_broker_loses_nothing(
             return await depth(amqp, f"{queue}.retry.2s") == len(ids)
 
         await eventually(all_waiting, timeout=15)
-    worker_process.signal(signal.SIGKILL)
-    worker_process.wait(10)
-    assert worker_process.lines(worker_process.ledger) == []
-    worker_process.start()
-    deadline = time.monotonic() + 20
-    while len(set(worker_process.lines(worker_process.ledger))) < len(ids):
-        assert time.monotonic() < deadline, "retries lost after kill -9"
-        await asyncio.sleep(0.1)
-    assert sorted(set(worker_process.lines(worker_process.ledger))) == sorted(ids)
+    worker.signal(signal.SIGKILL)
+    worker.wait(10)
+    assert worker.ledger() == []
+    worker.start()
+    await eventually(
+        lambda: len(set(worker.ledger())) >= len(ids), 20, 0.1, "retries lost after kill -9"
+    )
+    assert sorted(set(worker.ledger())) == sorted(ids)
     assert await depth(amqp, f"{queue}.dlq") == 0
 
 
 async def test_sigterm_lets_in_flight_handlers_finish_and_returns_the_rest(
-    broker_url: str, worker_process: WorkerProcess, amqp: aio_pika.abc.AbstractConnection
+    broker_url: str,
+    queue_name: str,
+    worker: WorkerProcess,
+    amqp: aio_pika.abc.AbstractConnection,
 ) -> None:
     """SIGTERM: running handlers finish, waiting deliveries go back, exit 0, nothing runs twice."""
-    queue = worker_process.queue
-    worker_process.args = ["--concurrency", "4", "--prefetch", "8", "--grace", "10"]
-    worker_process.start()
+    queue = queue_name
+    worker.args = ["--concurrency", "4", "--prefetch", "8", "--grace", "10"]
+    worker.start()
     ids = [f"t-{i}" for i in range(8)]
     async with App(broker_url) as app:
         await publish_many(app, queue, [{"id": i, "mode": "slow", "seconds": 1.5} for i in ids])
-    deadline = time.monotonic() + 10
-    while len(worker_process.lines(worker_process.started)) < 4:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.02)
-    worker_process.signal(signal.SIGTERM)
-    assert worker_process.wait(20) == 0
-    started = worker_process.lines(worker_process.started)
-    finished = worker_process.lines(worker_process.ledger)
+    await eventually(lambda: len(worker.started()) >= 4, 10, 0.02)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(20) == 0
+    started = worker.started()
+    finished = worker.ledger()
     assert len(started) == 4 and sorted(finished) == sorted(started)
     assert await depth(amqp, queue) == 4  # the four that never started are back in the queue
-    log = worker_process.log.read_text()
+    log = worker.text()
     assert "worker.stopped" in log
     assert ":guest@" not in log  # the URL's password is masked in every line
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from qworker import App, Context, Permanent, Retry, RetryPolicy
 from qworker import headers as h
 from qworker.testing import running
-from tests.helpers import depth, eventually, publish_raw, take
+from tests.support.broker import depth, eventually, publish_raw, take
 
 pytestmark = pytest.mark.rabbitmq
 

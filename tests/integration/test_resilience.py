@@ -13,7 +13,7 @@ from qworker.alerts import Alert
 from qworker.breaker import CircuitBreaker
 from qworker.events import CircuitState, Observer, Outcome, OutcomeKind, Severity
 from qworker.testing import running
-from tests.helpers import depth, eventually, take
+from tests.support.broker import depth, eventually, take
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from qworker.supervisor import Limits
-from tests.ops.conftest import ROOT
+from tests.support.cli import run_cli, run_python
 
 BLOCK_PROMETHEUS = "import sys; sys.modules['prometheus_client'] = None; "
-
-
-def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
-    )
 
 
 def test_qworker_imports_and_its_cli_loads_without_prometheus_client() -> None:
@@ -32,7 +23,7 @@ def test_qworker_imports_and_its_cli_loads_without_prometheus_client() -> None:
 def test_metrics_port_without_prometheus_client_is_one_line_naming_the_extra() -> None:
     """--metrics-port without prometheus-client: exit 2 and one line with the pip command."""
     result = run_python(
-        BLOCK_PROMETHEUS + "sys.argv = ['qworker', 'run', 'tests.apps.ops_app:app', "
+        BLOCK_PROMETHEUS + "sys.argv = ['qworker', 'run', 'tests.apps.ledger_app:app', "
         "'--metrics-port', '0']; from qworker.cli import main; main()"
     )
     assert result.returncode == 2
@@ -42,13 +33,7 @@ def test_metrics_port_without_prometheus_client_is_one_line_naming_the_extra() -
 
 def test_supervisor_with_an_unimportable_app_fails_before_starting_processes() -> None:
     """--processes 2 with an app that cannot be imported: exit 3, one line, no child spawned."""
-    result = subprocess.run(
-        [sys.executable, "-m", "qworker", "run", "tests.apps.no_such_app:app", "--processes", "2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_cli("run", "tests.apps.no_such_app:app", "--processes", "2", timeout=30)
     assert result.returncode == 3
     assert result.stderr.strip().splitlines() == [
         "qworker: error: cannot import 'tests.apps.no_such_app': "

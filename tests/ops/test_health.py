@@ -11,7 +11,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.ops.conftest import OpsProcess
+from tests.apps import ledger_app
+from tests.support.broker import eventually
+from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -48,38 +50,43 @@ def close_connections_named(name: str) -> int:
     return closed
 
 
-def wait_status(process: OpsProcess, path: str, status: int, timeout: float = 20.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        got, body = process.get(path)
-        if got == status:
-            return dict(json.loads(body))
-        assert time.monotonic() < deadline, f"{path}: {got} {body!r}\n{process.output()}"
-        time.sleep(0.05)
+async def wait_status(
+    process: WorkerProcess, path: str, status: int, timeout: float = 20.0
+) -> dict:
+    got: tuple[int, bytes] = (0, b"")
+
+    def answered() -> bool:
+        nonlocal got
+        got = process.get(path)
+        return got[0] == status
+
+    await eventually(
+        answered, timeout, message=lambda: f"{path}: {got[0]} {got[1]!r}\n{process.output()}"
+    )
+    return dict(json.loads(got[1]))
 
 
 async def test_readiness_is_503_while_the_connection_is_gone_and_liveness_stays_200(
-    ops: OpsProcess, own_user: tuple[str, str]
+    worker: WorkerProcess, queue_name: str, own_user: tuple[str, str]
 ) -> None:
     """Readiness: 200 while consuming; 503 after the broker closes the connection and while
     it cannot reconnect; 200 again once it has reconnected and consumes. Liveness stays 200
     throughout: a restart would not bring the broker back (issue 9, finding 10)."""
     url, user = own_user
-    ops.env["QWORKER_OPS_URL"] = url
-    ops.start("--log-format", "json", "--metrics-port", "0")
-    ops.wait_log("worker.consuming")
-    assert wait_status(ops, "/healthz", 200)["consumers"] == 1
-    assert wait_status(ops, "/readyz", 200)["ready"] is True
+    worker.env["QWORKER_APP_URL"] = url
+    worker.start("--metrics-port", "0")
+    assert (await wait_status(worker, "/healthz", 200))["consumers"] == 1
+    assert (await wait_status(worker, "/readyz", 200))["ready"] is True
 
     _ctl("change_password", user, "wrong")  # reconnecting fails until the password is back
-    assert close_connections_named(ops.app_name) >= 1
-    facts = wait_status(ops, "/readyz", 503)
+    assert close_connections_named(ledger_app.app_name(queue_name)) >= 1
+    facts = await wait_status(worker, "/readyz", 503)
     assert facts["ok"] is False and facts["connected"] is False
     time.sleep(1.0)
-    assert ops.get("/readyz")[0] == 503
-    status, body = ops.get("/healthz")
+    assert worker.get("/readyz")[0] == 503
+    status, body = worker.get("/healthz")
     assert status == 200 and json.loads(body)["connected"] is False
 
     _ctl("change_password", user, "right")
-    assert wait_status(ops, "/readyz", 200, timeout=30)["connections"] == 2
-    assert wait_status(ops, "/healthz", 200)["consumers"] == 1
+    assert (await wait_status(worker, "/readyz", 200, timeout=30))["connections"] == 2
+    assert (await wait_status(worker, "/healthz", 200))["consumers"] == 1

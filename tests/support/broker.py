@@ -1,23 +1,78 @@
-"""Test helpers that talk to the real broker."""
+"""Helpers that talk to the real broker, and ``eventually``, the one polling loop."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+T = TypeVar("T")
+
+
+async def eventually(
+    check: Callable[[], T | Awaitable[T]],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    message: str | Callable[[], str] = "condition not met in time",
+) -> T:
+    """Wait until ``check()`` (plain or async) returns a true value, and return that value.
+
+    Fails after ``timeout`` seconds with ``message`` (a callable is called then, to describe
+    the state at the end, e.g. a worker's log).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(message() if callable(message) else message)
+        await asyncio.sleep(interval)
+
+
+def answers(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` (within a second)."""
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
 
 async def depth(connection: AbstractConnection, queue: str) -> int:
-    """Ready messages in ``queue`` (passive declare)."""
+    """Ready messages in ``queue`` (passive declare; fails if the queue does not exist)."""
     channel = await connection.channel()
     try:
         declared = await channel.declare_queue(queue, passive=True)
         return int(declared.declaration_result.message_count or 0)
     finally:
-        await channel.close()
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def eventually_depth(
+    connection: AbstractConnection, queue: str, expected: int, timeout: float = 10.0
+) -> None:
+    """Wait until ``queue`` holds ``expected`` ready messages."""
+    current = -1
+
+    async def reached() -> bool:
+        nonlocal current
+        current = await depth(connection, queue)
+        return current == expected
+
+    await eventually(
+        reached, timeout, message=lambda: f"{queue}: {current} messages, expected {expected}"
+    )
 
 
 async def take(
@@ -28,30 +83,19 @@ async def take(
     got: list[AbstractIncomingMessage] = []
     try:
         q = await channel.declare_queue(queue, passive=True)
-        deadline = time.monotonic() + timeout
-        while len(got) < count:
-            message = await q.get(fail=False)
-            if message is None:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{queue}: got {len(got)} of {count} messages")
-                await asyncio.sleep(0.05)
-                continue
-            await message.ack()
-            got.append(message)
+
+        async def all_taken() -> bool:
+            while len(got) < count and (message := await q.get(fail=False)) is not None:
+                await message.ack()
+                got.append(message)
+            return len(got) >= count
+
+        await eventually(
+            all_taken, timeout, message=lambda: f"{queue}: got {len(got)} of {count} messages"
+        )
     finally:
         await channel.close()
     return got
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.05
-) -> None:
-    """Wait until ``check()`` is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(interval)
 
 
 async def publish_raw(
@@ -63,3 +107,12 @@ async def publish_raw(
         await channel.default_exchange.publish(message, routing_key=queue)
     finally:
         await channel.close()
+
+
+async def publish_job(
+    connection: AbstractConnection, queue: str, ident: str, mode: str = "ok", **extra: Any
+) -> None:
+    """Publish one JSON message for the ledger app (``tests/apps/ledger_app.py``)."""
+    body = json.dumps({"id": ident, "mode": mode, **extra}).encode()
+    message = aio_pika.Message(body, content_type="application/json", message_id=ident)
+    await publish_raw(connection, queue, message)

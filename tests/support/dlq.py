@@ -1,4 +1,4 @@
-"""Helpers shared by the DLQ tests: dead letters made with qworker's own header writer.
+"""Dead letters made with qworker's own header writer, and the DLQ CLI run in-process.
 
 Verification reads (``drain``) are destructive and independent of the DLQ tool,
 so that the tool is never checked with itself.
@@ -7,11 +7,8 @@ so that the tool is never checked with itself.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -22,8 +19,7 @@ from qworker import failures
 from qworker import headers as h
 from qworker.cli import cli
 from qworker.topology import QueueType, declare, queue_specs
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.broker import depth
 
 
 def failure(
@@ -111,16 +107,6 @@ def letters(queue: str, count: int, prefix: str = "m", **failure_kw: Any) -> lis
     ]
 
 
-async def depth(connection: AbstractConnection, queue: str) -> int:
-    """Ready messages in ``queue``."""
-    channel = await connection.channel()
-    try:
-        declared = await channel.declare_queue(queue, passive=True)
-        return int(declared.declaration_result.message_count or 0)
-    finally:
-        await channel.close()
-
-
 @dataclass(frozen=True)
 class Taken:
     """A message removed from a queue by :func:`drain`."""
@@ -159,35 +145,6 @@ async def drain(connection: AbstractConnection, queue: str, settle: bool = False
     finally:
         await channel.close()
     return taken
-
-
-async def eventually_depth(
-    connection: AbstractConnection, queue: str, expected: int, timeout: float = 10.0
-) -> None:
-    """Wait until ``queue`` holds ``expected`` ready messages."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (current := await depth(connection, queue)) != expected:
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{queue}: {current} messages, expected {expected}")
-        await asyncio.sleep(0.05)
-
-
-def qworker_command(*args: str) -> list[str]:
-    """The ``qworker`` command line run with this interpreter."""
-    return [sys.executable, "-m", "qworker", *args]
-
-
-def run_cli(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``qworker ARGS`` in a subprocess, as an operator would."""
-    return subprocess.run(
-        qworker_command(*args),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(env) if env is not None else None,
-        check=False,
-    )
 
 
 async def broker_dead_letters(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +17,8 @@ from qworker.dlq.filters import Filter, FilterError, parse_when
 from qworker.dlq.jsonl import BadRecord, dumps, parse_line, read_records
 from qworker.dlq.records import DeadLetter, dead_letter, origin, replay_properties
 from qworker.dlq.stats import Stats, describe, normalise, top_frame
-from tests.test_dlq_support import failure
+from tests.support.cli import run_python
+from tests.support.dlq import failure
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -366,8 +365,6 @@ def test_acks_sent_remove_exactly_the_requested_messages(
 def test_each_dlq_module_can_be_imported_first(module: str) -> None:
     """qworker.cli and the dlq CLI import each other; any of them may be imported first."""
     check = f"import {module}; from qworker.cli import cli; print(cli.commands['dlq'].commands)"
-    done = subprocess.run(
-        [sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=False
-    )
+    done = run_python(check)
     assert done.returncode == 0, done.stderr
     assert "replay" in done.stdout
