@@ -21,7 +21,8 @@ LogFormat = Literal["json", "console"]
 # Values qworker writes itself that cannot hold a secret, or that were redacted already
 # (error messages pass through redaction when they are captured).
 _ALREADY_SAFE = frozenset(
-    {"event", "level", "timestamp", "classification", "reason", "error_type", "error_message"}
+    # ``reason`` is not here: it also carries a broker's close text (channel.closed).
+    {"event", "level", "timestamp", "classification", "error_type", "error_message"}
 )
 
 

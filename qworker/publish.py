@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -63,14 +63,15 @@ class ConfirmedPublisher:
             properties: Its properties (a message id is added when missing).
             routing_key: The queue, or the routing key on ``exchange``.
             exchange: The exchange; the default exchange routes by queue name.
-            patient: For copies of delivered messages: make the headers fit the
-                connection's frame size (see :func:`qworker.headers.fit_frame`), and wait
-                for the confirm as long as the channel lives, logging
-                ``publish.confirm_slow`` once the timeout has passed, instead of failing at
-                the timeout. For copies: failing would give the original back while the
-                copy may still be confirmed (a broker in a memory alarm confirms late),
-                which duplicates the message. The broker confirms, refuses, or closes the
-                channel; heartbeats detect a dead connection.
+            patient: Without it, the confirm must come within the timeout, not counting
+                the time the connection is blocked by a broker alarm (waiting, not
+                failing), or :class:`PublishFailed` is raised. With it (for copies of
+                delivered messages): the headers are made to fit the connection's frame
+                size (see :func:`qworker.headers.fit_frame`), and the confirm is awaited as
+                long as the channel lives, logging ``publish.confirm_slow`` once the timeout
+                has passed. Failing would give the original back while the copy may still be
+                confirmed, which duplicates the message; the broker confirms, refuses, or
+                closes the channel, and heartbeats detect a dead connection.
         """
         if properties.message_id is None:
             properties.message_id = uuid.uuid4().hex
@@ -106,17 +107,21 @@ class ConfirmedPublisher:
                 properties.headers = fit_frame(
                     properties.headers, _header_frame_size(properties), underlay.max_content_size
                 )
-            result = await underlay.basic_publish(
+            publishing = underlay.basic_publish(
                 body,
                 exchange=exchange,
                 routing_key=routing_key,
                 properties=properties,
                 mandatory=True,
-                timeout=None if patient else self._timeout,
+                timeout=None,
                 # The broker's confirm is what we wait for; waiting for the socket write
                 # first only adds a round through the event loop.
                 wait=False,
             )
+            if patient:
+                result = await publishing
+            else:
+                result = await self._confirmed_in_time(publishing, underlay)
         except TimeoutError:
             raise PublishFailed(f"no confirm within {self._timeout:g}s for {where}") from None
         except aiormq.exceptions.DeliveryError as exc:
@@ -132,6 +137,24 @@ class ConfirmedPublisher:
             raise PublishFailed(f"unroutable: no queue for {where}")
         if not isinstance(result, aiormq.spec.Basic.Ack):
             raise PublishFailed(f"broker did not ack ({where}): {result!r}")
+
+    async def _confirmed_in_time(
+        self,
+        publishing: Awaitable[aiormq.abc.ConfirmationFrameType | None],
+        channel: aiormq.Channel,
+    ) -> aiormq.abc.ConfirmationFrameType | None:
+        """Await the confirm; the timeout clock runs only while the connection is not blocked."""
+        waiter = asyncio.ensure_future(publishing)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=self._timeout)
+                if done:
+                    return waiter.result()
+                if not blocked(channel.connection):
+                    raise TimeoutError
+        finally:
+            if not waiter.done():
+                waiter.cancel()
 
 
 def encode_payload(payload: Any) -> tuple[bytes, str | None]:
@@ -163,6 +186,17 @@ def build_message(
         correlation_id=correlation_id,
         timestamp=datetime.now(UTC),
     )
+
+
+def blocked(connection: aiormq.abc.AbstractConnection) -> bool:
+    """The broker blocked this connection (``connection.blocked``: a memory or disk alarm).
+
+    aiormq keeps the state in a private event that its own ``ready()`` waits on; a unit test
+    pins the attribute, so that an aiormq release that renames it fails a test instead of
+    silently turning alarm waits into publish failures.
+    """
+    unblocked = getattr(connection, "_Connection__connection_unblocked", None)
+    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
 
 
 def _log_slow(where: str) -> None:

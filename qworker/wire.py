@@ -422,7 +422,8 @@ def decode_table(data: bytes) -> tuple[int, dict[str, Any]]:
             _, end = _sized(data, 0)
         except (ValueError, struct.error):
             raise ValueError(f"cannot decode field table: {exc!r}") from None
-        LOGGER.warning("undecodable AMQP field table kept as raw bytes: %r", exc)
+        # The type only: the exception's text may quote header bytes (a secret, say).
+        LOGGER.warning("undecodable AMQP field table kept as raw bytes: %s", type(exc).__name__)
         table = RawTable()
         table.raw = bytes(data[:end])
         return end, table

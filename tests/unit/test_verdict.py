@@ -304,3 +304,23 @@ def test_fit_frame_leaves_a_fitting_copy_untouched_without_measuring_it() -> Non
 
     headers = {"a": "b", h.REASON: "timeout"}
     assert h.fit_frame(headers, boom, 131_064) is headers
+
+
+def test_the_blocked_state_of_an_aiormq_connection_is_where_qworker_reads_it() -> None:
+    """qworker.publish.blocked reads aiormq's private unblocked event: pin the attribute, so that
+    an aiormq release that renames it fails here instead of silently failing publishes during a
+    broker alarm."""
+    import asyncio
+
+    import aiormq
+    from yarl import URL
+
+    from qworker.publish import blocked
+
+    connection = aiormq.Connection(URL("amqp://guest:guest@127.0.0.1:1/"))
+    event = connection._Connection__connection_unblocked  # type: ignore[attr-defined]
+    assert isinstance(event, asyncio.Event)
+    event.clear()
+    assert blocked(connection)
+    event.set()
+    assert not blocked(connection)
