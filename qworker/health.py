@@ -42,7 +42,7 @@ class Response:
         return cls(200 if ok else 503, body)
 
 
-Route = Callable[[], Awaitable[Response]]
+Endpoint = Callable[[], Awaitable[Response]]
 
 
 class HttpServer:
@@ -50,7 +50,7 @@ class HttpServer:
 
     def __init__(
         self,
-        routes: Mapping[str, Route],
+        routes: Mapping[str, Endpoint],
         host: str = DEFAULT_HOST,
         port: int = 0,
         *,
@@ -153,7 +153,9 @@ def _encode(response: Response, head_only: bool) -> bytes:
     return head if head_only else head + response.body
 
 
-def worker_routes(worker: Worker, render_metrics: Callable[[], bytes] | None) -> dict[str, Route]:
+def worker_routes(
+    worker: Worker, render_metrics: Callable[[], bytes] | None
+) -> dict[str, Endpoint]:
     """Routes of a single worker process.
 
     ``/healthz`` (liveness): 200 whenever the worker's event loop answers. A lost broker
@@ -171,13 +173,13 @@ def worker_routes(worker: Worker, render_metrics: Callable[[], bytes] | None) ->
         facts = worker.health()
         return Response.check(bool(facts["ready"]), facts)
 
-    routes: dict[str, Route] = {"/healthz": healthz, "/readyz": readyz}
+    routes: dict[str, Endpoint] = {"/healthz": healthz, "/readyz": readyz}
     if render_metrics is not None:
         routes["/metrics"] = metrics_route(render_metrics)
     return routes
 
 
-def metrics_route(render: Callable[[], bytes]) -> Route:
+def metrics_route(render: Callable[[], bytes]) -> Endpoint:
     """``/metrics`` in the Prometheus text format, rendered off the event loop."""
     from qworker.metrics import CONTENT_TYPE
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from qworker.health import DEFAULT_HOST, HttpServer, Response, Route, metrics_route
+from qworker.health import DEFAULT_HOST, Endpoint, HttpServer, Response, metrics_route
 
 if TYPE_CHECKING:
     from qworker.worker import Worker
@@ -291,7 +291,7 @@ class Supervisor:
             "children": children,
         }
 
-    def _routes(self) -> dict[str, Route]:
+    def _routes(self) -> dict[str, Endpoint]:
         from qworker.metrics import render_multiprocess, supervisor_collector
 
         collector = supervisor_collector(
@@ -299,8 +299,9 @@ class Supervisor:
         )
 
         async def healthz() -> Response:
-            facts = self.facts()
-            return Response.check(facts["alive"] == self.processes, facts)
+            # Liveness: the supervisor answers. It restarts its children itself; a
+            # restart of the whole pod would only reset that work (and the breakers).
+            return Response.check(True, self.facts())
 
         async def readyz() -> Response:
             facts = self.facts()

@@ -26,8 +26,9 @@ async def wait_ledger(process: WorkerProcess, ids: set[str], timeout: float = 20
 async def test_a_killed_worker_process_is_replaced_and_messages_keep_flowing(
     worker: WorkerProcess, queue_name: str, amqp: aio_pika.abc.AbstractConnection
 ) -> None:
-    """kill -9 of one child: the other keeps consuming, a new child takes the slot, health
-    dips to 503 and returns to 200, and every message is handled."""
+    """kill -9 of one child: the other keeps consuming, a new child takes the slot, readiness
+    dips to 503 and returns to 200 while liveness stays 200 (the supervisor restarts the child
+    itself), and every message is handled."""
     worker.launch("--processes", "2", "--metrics-port", "0")
     worker.wait_log("supervisor.ready")
     first = worker.children()
@@ -42,12 +43,15 @@ async def test_a_killed_worker_process_is_replaced_and_messages_keep_flowing(
         await publish_job(amqp, queue_name, f"b{n}")
     statuses = set()
 
+    alive = set()
+
     def dipped() -> bool:
-        statuses.add(worker.get("/healthz")[0])
+        statuses.add(worker.get("/readyz")[0])
+        alive.add(worker.get("/healthz")[0])
         return 503 in statuses
 
-    await eventually(dipped, 5, interval=0, message=lambda: f"/healthz answered {statuses}")
-    assert 503 in statuses
+    await eventually(dipped, 5, interval=0, message=lambda: f"/readyz answered {statuses}")
+    assert 503 in statuses and alive == {200}
     worker.wait_log("supervisor.child_started", count=3)
     worker.wait_log("supervisor.ready", count=2)
     now = worker.children()
