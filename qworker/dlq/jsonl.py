@@ -14,7 +14,7 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -147,8 +147,18 @@ def parse_line(line: str, where: str) -> DeadLetter:
     return dead_letter(record.queue, body, properties, record.headers)
 
 
-def read_records(lines: Iterable[str], name: str) -> Iterator[DeadLetter]:
-    """Parse the records of file ``name`` lazily, skipping blank lines."""
+def read_records(
+    lines: Iterable[str], name: str, check: Callable[[DeadLetter], str | None] | None = None
+) -> Iterator[DeadLetter]:
+    """Parse the records of file ``name`` lazily, skipping blank lines.
+
+    ``check`` (e.g. :func:`qworker.dlq.send.unpublishable`) may name a problem
+    with a parsed record; it is raised as :class:`BadRecord` ``file:line: problem``.
+    """
     for number, line in enumerate(lines, 1):
         if line.strip():
-            yield parse_line(line.rstrip("\r\n"), f"{name}:{number}")
+            dl = parse_line(line.rstrip("\r\n"), f"{name}:{number}")
+            problem = check(dl) if check is not None else None
+            if problem is not None:
+                raise BadRecord(f"{name}:{number}: {problem}")
+            yield dl

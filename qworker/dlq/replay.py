@@ -1,14 +1,17 @@
 """Replaying dead letters from a DLQ or an export file, with canaries, and editing one.
 
 Every path acks a dead letter only after its copy is confirmed (see
-:mod:`qworker.dlq.send`); what is not selected, skipped or not confirmed stays
-in the DLQ, returned when the reading channel closes.
+:mod:`qworker.dlq.send`); what is not selected, skipped, refused or not
+confirmed stays in the DLQ, given back when the reading cursor closes. A message
+that cannot be published is that message's problem: it is reported and stays,
+and the others are replayed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 
@@ -17,6 +20,7 @@ from aio_pika.abc import AbstractConnection
 
 from qworker.dlq.cursor import Cursor, Held, select
 from qworker.dlq.filters import Filter
+from qworker.dlq.jsonl import BadRecord
 from qworker.dlq.probes import close_channel_quietly, queue_depth
 from qworker.dlq.records import DeadLetter, same_message
 from qworker.dlq.routing import Router
@@ -29,6 +33,7 @@ from qworker.dlq.send import (
     ReplayResult,
     Sender,
     build_message,
+    unpublishable,
 )
 from qworker.errors import QworkerError
 from qworker.publish import ConfirmedPublisher
@@ -173,10 +178,9 @@ async def replay(
     router = Router(connection, options.to)
     await router.check_to(queue)
     result = ReplayResult()
-    channel = await connection.channel(publisher_confirms=True)
-    try:
+    async with _publishers(connection) as (publisher, reopen):
         sender = Sender(
-            ConfirmedPublisher(channel), result, on_event, window=options.window, rate=options.rate
+            publisher, result, on_event, window=options.window, rate=options.rate, reopen=reopen
         )
         limit = options.limit
         if options.canary > 0 and not options.dry_run:
@@ -197,9 +201,39 @@ async def replay(
                 await sender.drain()
             await _flush(selection.cursor, result)
             result.reports.append(selection.report)
-    finally:
-        await close_channel_quietly(channel)
     return result
+
+
+@contextlib.asynccontextmanager
+async def _publishers(
+    connection: AbstractConnection,
+) -> AsyncIterator[tuple[ConfirmedPublisher, Callable[[], Awaitable[ConfirmedPublisher]]]]:
+    """A confirmed publisher and a function opening a fresh one; every channel closes at exit."""
+    channels = [await connection.channel(publisher_confirms=True)]
+
+    async def reopen() -> ConfirmedPublisher:
+        channels.append(await connection.channel(publisher_confirms=True))
+        return ConfirmedPublisher(channels[-1])
+
+    try:
+        yield ConfirmedPublisher(channels[0]), reopen
+    finally:
+        for channel in channels:
+            await close_channel_quietly(channel)
+
+
+def check_records(records: Callable[[], Iterable[DeadLetter]]) -> None:
+    """Read every record once, checking that its copy can be published.
+
+    Raises :class:`BadRecord` for the first unreadable record or the first one
+    whose copy cannot be encoded (e.g. a header value out of range).
+    """
+    for number, dl in enumerate(records(), 1):
+        problem = unpublishable(dl)
+        if problem is not None:
+            raise BadRecord(
+                f"{dl.queue}: record {number} (message id {dl.message_id!r}): {problem}"
+            )
 
 
 async def replay_records(
@@ -212,20 +246,19 @@ async def replay_records(
 ) -> ReplayResult:
     """Publish exported dead letters (``records()`` yields them, each call from the start).
 
-    Every record is read once before anything is published, so a bad record
-    stops the replay with nothing sent. Canaries are not supported here.
+    Every record is read and checked (see :func:`check_records`) before anything
+    is published, so a bad or unencodable record stops the replay with nothing
+    sent (:class:`BadRecord`). Canaries are not supported here.
     """
     chosen = chosen or Filter()
     options = options or ReplayOptions()
     router = Router(connection, options.to)
     await router.check_to(None)
-    for _ in records():
-        pass
+    check_records(records)
     result = ReplayResult()
-    channel = await connection.channel(publisher_confirms=True)
-    try:
+    async with _publishers(connection) as (publisher, reopen):
         sender = Sender(
-            ConfirmedPublisher(channel), result, on_event, window=options.window, rate=options.rate
+            publisher, result, on_event, window=options.window, rate=options.rate, reopen=reopen
         )
         selected = 0
         for dl in records():
@@ -242,8 +275,6 @@ async def replay_records(
             else:
                 await sender.send(dl, route.queue, _nothing)
         await sender.drain()
-    finally:
-        await close_channel_quietly(channel)
     return result
 
 

@@ -3,6 +3,15 @@
 A dead letter is acked only after the broker confirmed its replayed copy, so an
 interrupted replay leaves every message in the DLQ, in its target queue, or
 (between the confirm and the ack) in both; never in neither.
+
+A failure that belongs to one message is contained to it: a copy that cannot be
+encoded (checked before publishing), that the broker refuses (``basic.nack``,
+e.g. a full ``reject-publish`` queue) or returns as unroutable, or that makes
+the broker close the channel (e.g. a body over its ``max_message_size``) is
+counted, reported with its reason, and left in the DLQ, and the replay goes on
+(on a fresh channel if needed). Only failures that say nothing about one message
+stop it: a confirm that never came (the copy may or may not be in its queue), a
+lost connection, an ack that could not be sent, or channels lost again and again.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aio_pika
+import pamqp.frame
+import pamqp.header
 
 from qworker.dlq.cursor import ScanReport
 from qworker.dlq.records import DeadLetter, replay_properties
@@ -23,6 +34,13 @@ from qworker.publish import ConfirmedPublisher
 
 #: Publishes awaiting their confirm at once.
 DEFAULT_WINDOW = 100
+#: Publishing channels lost one after the other (no confirm in between) before a replay stops.
+CHANNEL_LOSSES = 3
+#: What :class:`~qworker.publish.ConfirmedPublisher` says when no confirm came: the copy
+#: may be in its queue, so this is not a per-message refusal and stops the replay.
+_NO_CONFIRM = "no confirm within"
+
+Reopen = Callable[[], Awaitable[ConfirmedPublisher]]
 
 
 class Outcome(enum.Enum):
@@ -30,8 +48,8 @@ class Outcome(enum.Enum):
 
     REPLAYED = "replayed"  #: confirmed in its target queue and removed from the DLQ
     PLANNED = "planned"  #: dry run: would be replayed
-    SKIPPED = "skipped"  #: no acceptable target; stays in the DLQ
-    FAILED = "failed"  #: the broker did not confirm the copy; stays in the DLQ
+    SKIPPED = "skipped"  #: no acceptable target, or cannot be encoded; stays in the DLQ
+    FAILED = "failed"  #: the copy was refused or not confirmed; stays in the DLQ
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +115,10 @@ class Sender:
     """Publishes with confirms, ``window`` at a time, optionally paced to ``rate`` per second.
 
     After each confirm it awaits that message's ``then`` (the ack of the dead
-    letter). The first failure stops it: later :meth:`send` calls return None.
+    letter). A failure of one message is reported (``FAILED`` or ``SKIPPED``)
+    and the others go on; when the publishing channel was closed, ``reopen``
+    gives a fresh publisher. A failure that is not one message's (see the module
+    docstring) stops it: later :meth:`send` calls return None.
     """
 
     def __init__(
@@ -108,8 +129,12 @@ class Sender:
         *,
         window: int = DEFAULT_WINDOW,
         rate: float | None = None,
+        reopen: Reopen | None = None,
     ) -> None:
         self._publisher = publisher
+        self._reopen = reopen
+        self._reopening = asyncio.Lock()
+        self._losses = 0
         self._result = result
         self._on_event = on_event
         self._slots = asyncio.Semaphore(window)
@@ -137,7 +162,15 @@ class Sender:
         if self.stopped:
             self._slots.release()
             return None
-        message = build_message(dl)
+        try:
+            message = build_message(dl)
+            problem = encoding_problem(message)
+        except Exception as exc:  # a record no message can be built from
+            message, problem = None, f"cannot build the copy: {_one_line(exc)}"
+        if message is None or problem is not None:
+            self._slots.release()
+            self.report(Event(dl, Outcome.SKIPPED, target, problem))
+            return None
         task = asyncio.create_task(self._publish(dl, message, target, then))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -150,14 +183,17 @@ class Sender:
         target: str,
         then: Callable[[], Awaitable[None]],
     ) -> None:
+        publisher = self._publisher
         try:
-            await self._publisher.publish(message, target)
-        except PublishFailed as exc:
-            self._result.error = self._result.error or str(exc)
-            self.report(Event(dl, Outcome.FAILED, target, str(exc)))
+            await publisher.publish(message, target)
+        except Exception as exc:
+            detail = _one_line(exc) if isinstance(exc, PublishFailed) else _describe(exc)
+            self.report(Event(dl, Outcome.FAILED, target, detail))
+            await self._after_failure(publisher, detail)
             return
         finally:
             self._slots.release()
+        self._losses = 0
         try:
             await then()
         except Exception as exc:
@@ -166,6 +202,29 @@ class Sender:
                 "it stays there as a duplicate"
             )
         self.report(Event(dl, Outcome.REPLAYED, target))
+
+    async def _after_failure(self, publisher: ConfirmedPublisher, detail: str) -> None:
+        """Go on after one message failed, on a fresh channel if the broker closed it."""
+        if detail.startswith(_NO_CONFIRM):
+            self._result.error = self._result.error or detail
+            return
+        if not publisher.channel.is_closed:
+            return  # refused or returned: that message's problem only
+        async with self._reopening:
+            if self._publisher is not publisher:
+                return  # another failure of the same channel reopened it already
+            self._losses += 1
+            if self._reopen is None or self._losses >= CHANNEL_LOSSES:
+                self._result.error = self._result.error or (
+                    f"the publishing channel was lost {self._losses} times in a row: {detail}"
+                )
+                return
+            try:
+                self._publisher = await self._reopen()
+            except Exception as exc:
+                self._result.error = self._result.error or (
+                    f"cannot open a new publishing channel: {_describe(exc)}"
+                )
 
     async def drain(self) -> None:
         """Wait for every publish started so far."""
@@ -181,3 +240,34 @@ def build_message(dl: DeadLetter, body: bytes | None = None) -> aio_pika.Message
         # A message id lets a canary be recognised if it dies again.
         message.message_id = uuid.uuid4().hex
     return message
+
+
+def encoding_problem(message: aio_pika.Message) -> str | None:
+    """Why ``message``'s properties and headers cannot be put on the wire, or None.
+
+    The same encoder the client uses (pamqp) runs here, before publishing, so a
+    value it refuses (e.g. a float out of range, an integer over 64 bits) is one
+    message's problem instead of an exception in the middle of a replay.
+    """
+    try:
+        pamqp.frame.marshal(pamqp.header.ContentHeader(1, len(message.body), message.properties), 1)
+    except Exception as exc:
+        return f"cannot be encoded for publishing: {_describe(exc)}"
+    return None
+
+
+def unpublishable(dl: DeadLetter) -> str | None:
+    """Why the copy of ``dl`` cannot be published, or None (see :func:`encoding_problem`)."""
+    try:
+        return encoding_problem(build_message(dl))
+    except Exception as exc:
+        return f"cannot build the copy: {_describe(exc)}"
+
+
+def _describe(exc: BaseException) -> str:
+    return _one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _one_line(value: object) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= 300 else text[:299] + "…"
