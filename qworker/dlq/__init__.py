@@ -2,8 +2,11 @@
 
 Every function takes an open aio-pika connection and a DLQ name; the
 ``qworker dlq`` commands are a thin layer over them. Reading never removes a
-message: a pass holds what it reads unacked and returns it when its channel
-closes, so inspection leaves a DLQ exactly as it was, and a message leaves only
+message: a pass holds what it reads unacked and gives it back (one
+``basic.nack(multiple, requeue)``) before closing its channel, so inspection
+leaves a DLQ exactly as it was (and refuses to read a quorum DLQ whose
+effective delivery limit it could reach: :class:`BrowseRefused`, see
+:class:`DeliveryGuard`), and a message leaves only
 after it was confirmed elsewhere (replay), written and fsynced (export
 ``remove=True``), or explicitly purged::
 
@@ -29,19 +32,22 @@ from qworker.app import App
 from qworker.dlq.cursor import ScanReport, select
 from qworker.dlq.filters import Filter, FilterError
 from qworker.dlq.jsonl import BadRecord, dumps, read_records
-from qworker.dlq.probes import QueueNotFound, Safety
+from qworker.dlq.probes import BrowseRefused, DeliveryGuard, QueueNotFound, Safety, use_management
 from qworker.dlq.records import DeadLetter, origin
-from qworker.dlq.replay import ReplayOptions, replace, replay, replay_records
+from qworker.dlq.replay import ReplayOptions, check_records, replace, replay, replay_records
 from qworker.dlq.routing import BadTarget
 from qworker.dlq.send import Canary, Event, Outcome, ReplayResult
-from qworker.dlq.stats import Group, Stats
+from qworker.dlq.stats import OTHER_KEY, Group, Stats
 from qworker.errors import ConfigurationError
 
 __all__ = [
+    "OTHER_KEY",
     "BadRecord",
     "BadTarget",
+    "BrowseRefused",
     "Canary",
     "DeadLetter",
+    "DeliveryGuard",
     "DlqSummary",
     "Event",
     "Filter",
@@ -55,6 +61,7 @@ __all__ = [
     "ScanReport",
     "Stats",
     "browse",
+    "check_records",
     "dumps",
     "export",
     "find",
@@ -65,6 +72,7 @@ __all__ = [
     "replay_records",
     "stats",
     "summarize",
+    "use_management",
     "validate_body",
 ]
 

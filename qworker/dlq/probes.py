@@ -5,18 +5,29 @@ Each probe uses a throwaway channel, because a failed (passive) declare closes i
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import enum
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
+from qworker.dlq import management
 from qworker.errors import QworkerError
+from qworker.redact import mask_url
 from qworker.topology import dead_letter_queue
 
 
 class QueueNotFound(QworkerError):
     """The queue does not exist (the broker answered 404 to a passive declare)."""
+
+
+class BrowseRefused(QworkerError):
+    """Reading the queue could make the broker drop (or dead-letter onwards) a dead letter."""
 
 
 class Safety(enum.Enum):
@@ -62,6 +73,8 @@ async def safety(connection: AbstractConnection, name: str) -> Safety:
     The broker accepts a declaration only when the arguments are equivalent
     (``x-queue-type`` and ``x-delivery-limit`` included), so acceptance proves
     the queue's kind. Call it only after :func:`queue_depth` found the queue.
+    Policies are invisible here: a ``delivery-limit`` policy can still cap a queue
+    this calls ``QUORUM``; :class:`DeliveryGuard` covers that.
     """
     for kind in (Safety.QUORUM, Safety.CLASSIC):
         arguments = dead_letter_queue(name, kind.value).arguments
@@ -74,3 +87,135 @@ async def safety(connection: AbstractConnection, name: str) -> Safety:
         finally:
             await close_channel_quietly(channel)
     return Safety.UNVERIFIED
+
+
+#: A known effective delivery limit below this is within reach of repeated reading:
+#: the tool refuses to read such a queue at all.
+MIN_LIMIT = 1000
+#: With a known limit of at least :data:`MIN_LIMIT`: a read stops (refuses) once a
+#: message's ``x-delivery-count`` comes within this many of it. A refused read still
+#: gives back the one message it looked at (one delivery more), so this many refused
+#: attempts stay possible before that message could reach the limit.
+RESERVE = 100
+#: Without the management API (policies are invisible over AMQP) a read refuses once
+#: a message was delivered this often: that covers policies down to twice this value
+#: (RabbitMQ 4.x's default of 20 included), with as many refused attempts in hand.
+FALLBACK_COUNT = 10
+
+#: The management API to ask for effective delivery limits (see :func:`use_management`).
+_MANAGEMENT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "qworker_dlq_management", default=None
+)
+
+
+@contextlib.contextmanager
+def use_management(url: str | None) -> Iterator[None]:
+    """Ask the management API at ``url`` for effective delivery limits (None: derive it
+    from the AMQP URL: same host and credentials, port 15672)."""
+    token = _MANAGEMENT.set(url)
+    try:
+        yield
+    finally:
+        _MANAGEMENT.reset(token)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryGuard:
+    """Refuses to read a queue whose delivery limit repeated reading could reach.
+
+    On RabbitMQ before 4.3 every message a browse gives back to a quorum queue
+    counts as a delivery (``x-delivery-count`` + 1), and a message returned more
+    often than the queue's *effective* delivery limit (the lower of the
+    ``x-delivery-limit`` argument and a policy's ``delivery-limit``) is dropped or
+    dead-lettered onwards. ``limit`` is that effective limit when the management API
+    told it (``source`` says so; :data:`UNLIMITED` for a queue without one), else
+    None: then a read refuses once a message shows :data:`FALLBACK_COUNT` deliveries.
+    A cursor looks at the first message alone before taking more (see
+    :class:`~qworker.dlq.cursor.Cursor`), so a refused read costs one delivery of one
+    message.
+    """
+
+    queue: str
+    limit: int | None
+    source: str
+
+    @property
+    def counted(self) -> bool:
+        """Whether a read of this queue may count against a delivery limit."""
+        return self.limit is None or self.limit < UNLIMITED
+
+    def check_open(self) -> None:
+        """Raise :class:`BrowseRefused` if the known limit is within reach of repeated reads."""
+        if self.limit is not None and self.limit < MIN_LIMIT:
+            raise BrowseRefused(
+                f"refusing to read {self.queue}: its effective delivery limit is {self.limit} "
+                f"({self.source}); every read counts one delivery per message on RabbitMQ "
+                "before 4.3, so reading it could drop dead letters. Exclude the DLQ from the "
+                "delivery-limit policy (or raise the limit) and retry"
+            )
+
+    def check(self, delivery_count: int) -> None:
+        """Raise :class:`BrowseRefused` if a delivery with this count nears the limit."""
+        if self.limit is None:
+            if delivery_count >= FALLBACK_COUNT:
+                raise BrowseRefused(
+                    f"refusing to read {self.queue} further: a message was delivered "
+                    f"{delivery_count} times already and the DLQ's delivery limit cannot be "
+                    f"read ({self.source}); a delivery-limit policy could drop dead letters "
+                    "(nothing was removed). Pass --management-url (or enable the management "
+                    "plugin) so the tool can read the real limit"
+                )
+        elif delivery_count + RESERVE >= self.limit:
+            raise BrowseRefused(
+                f"refusing to read {self.queue} further: a message was delivered "
+                f"{delivery_count} times already and its effective delivery limit is "
+                f"{self.limit} ({self.source}); reading it again could drop dead letters "
+                "(nothing was removed). Raise or remove the delivery-limit policy"
+            )
+
+
+#: The ``limit`` of a queue that counts no deliveries, or has no delivery limit.
+UNLIMITED = 1 << 62
+
+
+def _vhost_of(url: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path[1:]) or "/"
+
+
+async def delivery_guard(connection: AbstractConnection, name: str) -> DeliveryGuard:
+    """The :class:`DeliveryGuard` of ``name``: asks the management API (see
+    :func:`use_management`) for its effective delivery limit."""
+    amqp_url = str(getattr(connection, "url", "") or "")
+    management_url = _MANAGEMENT.get() or (
+        management.management_url_for(amqp_url) if amqp_url else None
+    )
+    if management_url is None:
+        return DeliveryGuard(name, None, "no management API known")
+    vhost = _vhost_of(amqp_url) if amqp_url else "/"
+
+    def ask() -> tuple[int | None, bool]:
+        info = management.queue_info(management_url, vhost, name)
+        quorum = isinstance(info, dict) and info.get("type") == "quorum"
+        if not quorum:
+            return None, False
+        major = management.broker_major(management_url)
+        limits = [management.effective_delivery_limit(info, major)]
+        # The queue's own view lags a policy change by seconds: read the policies too.
+        for kind in ("policies", "operator-policies"):
+            try:
+                found = management.policies(management_url, vhost, kind)
+            except management.ManagementError:
+                continue  # a user without the rights to list them: the queue's view decides
+            limits.append(management.policy_delivery_limit(found, name))
+        known = [limit for limit in limits if limit is not None]
+        return (min(known) if known else None), True
+
+    try:
+        limit, quorum = await asyncio.to_thread(ask)
+    except management.ManagementError as exc:
+        return DeliveryGuard(name, None, str(exc))
+    source = f"management API at {mask_url(management_url)}"
+    if limit is None:
+        # A classic queue, or a quorum queue without any limit: nothing to reach.
+        return DeliveryGuard(name, UNLIMITED, source + (": no limit" if quorum else ": not quorum"))
+    return DeliveryGuard(name, limit, source)
