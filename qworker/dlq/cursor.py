@@ -1,12 +1,25 @@
 """Reading a queue in order while holding every message, so that nothing leaves unless acked.
 
-A :class:`Cursor` consumes with manual acks and never rejects: what it does not
-ack goes back to the queue, in place, when its channel closes (``basic.reject``
-would count as a failed delivery on RabbitMQ 4.3+ quorum queues). A consumer
-only receives ``window`` unacked messages, so to read past them the cursor
-cancels that consumer (its messages stay held by the channel) and starts the
-next one; it does so only when its buffer runs low, which keeps memory flat
-however long the queue is.
+A :class:`Cursor` consumes with manual acks and never rejects. What it does not
+ack it gives back explicitly when it closes: it cancels its consumer, then sends
+one ``basic.nack(delivery_tag=0, multiple=True, requeue=True)`` for every
+message still held on the channel, and only then closes the channel. RabbitMQ
+4.3+ does not count a ``basic.nack`` as a failed delivery on quorum queues, but
+does count the messages a *closed channel* gives back (and ``basic.reject``);
+before 4.3 a quorum queue counts every return, whichever way (see
+:class:`~qworker.dlq.probes.DeliveryGuard`). A consumer only receives
+``window`` unacked messages, so to read past them the cursor cancels that
+consumer (its messages stay held by the channel) and starts the next one; it
+does so only when its buffer runs low, which keeps memory flat however long
+the queue is. Consumer tags carry a zero-padded counter: RabbitMQ 3.x gives
+back the messages of a channel consumer by consumer, in the text order of their
+tags, so ``-10`` sorting before ``-2`` would change the queue's order.
+
+Before reading a queue whose deliveries may count against a delivery limit, the
+cursor asks its :class:`~qworker.dlq.probes.DeliveryGuard` (which may refuse at
+once), takes the first message alone and checks its ``x-delivery-count``, and
+checks every later one too: a refusal (:class:`~qworker.dlq.probes.BrowseRefused`)
+gives back what was read, still below the limit.
 """
 
 from __future__ import annotations
@@ -25,7 +38,14 @@ from aiormq.abc import DeliveredMessage
 
 from qworker.dlq.acks import Acker
 from qworker.dlq.filters import Filter
-from qworker.dlq.probes import Safety, close_channel_quietly, queue_depth, safety
+from qworker.dlq.probes import (
+    DeliveryGuard,
+    Safety,
+    close_channel_quietly,
+    delivery_guard,
+    queue_depth,
+    safety,
+)
 from qworker.dlq.records import DELIVERY_COUNT, DeadLetter, dead_letter, properties_of
 from qworker.errors import QworkerError
 
@@ -53,13 +73,22 @@ class Cursor:
     later. Use as ``async with Cursor(...) as cursor``.
     """
 
-    def __init__(self, connection: AbstractConnection, queue: str, *, window: int = 1000) -> None:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        queue: str,
+        *,
+        window: int = 1000,
+        guard: DeliveryGuard | None = None,
+    ) -> None:
         self.queue = queue
+        self.guard = guard
         self.depth = 0
         #: Highest ``x-delivery-count`` seen (quorum queues add it to deliveries).
         self.max_delivery_count: int | None = None
         self._connection = connection
         self._window = max(1, min(window, MAX_WINDOW))
+        self._current_window = self._window
         self._buffer: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
         self._channel: AbstractChannel | None = None
         self._underlay: aiormq.abc.AbstractChannel | None = None
@@ -69,13 +98,22 @@ class Cursor:
         self._seen = 0
         self._acked = 0
         self._acker: Acker | None = None
+        self._delivered = 0
 
     async def __aenter__(self) -> Cursor:
         self.depth = await queue_depth(self._connection, self.queue)
+        if self.guard is None:
+            self.guard = await delivery_guard(self._connection, self.queue)
+        self.guard.check_open()
         self._channel = await self._connection.channel(publisher_confirms=False)
         self._underlay = await self._channel.get_underlay_channel()
         await self._underlay.basic_qos(prefetch_count=self._window)
         self._acker = Acker(self._underlay)
+        if self.guard.counted:
+            # Look at the first message alone: if its delivery count makes the guard
+            # refuse, only that one message is given back (one delivery more).
+            self._current_window = 1
+            await self._underlay.basic_qos(prefetch_count=1)
         await self._consume()
         return self
 
@@ -85,9 +123,13 @@ class Cursor:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel: every message not acked goes back to the queue.
+        """Give back every message not acked, in order, then close the channel.
 
-        The broker puts them back asynchronously; waiting (up to
+        The consumer is cancelled first (so nothing more arrives), then one
+        ``basic.nack(0, multiple=True, requeue=True)`` returns every message
+        still held on the channel; closing the channel afterwards returns
+        nothing more (a closed channel's returns count as failed deliveries on
+        RabbitMQ 4.3+). The broker puts them back asynchronously; waiting (up to
         ``RETURN_SECONDS``) until they are ready again means that the next
         reader, e.g. the next command of a script, sees the whole queue.
         """
@@ -96,6 +138,9 @@ class Cursor:
         with contextlib.suppress(Exception):  # lost acks: those messages come back, duplicated
             if self._acker is not None:
                 await self._acker.settle()
+        # If this fails the channel is gone, and the broker has taken the messages back.
+        with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+            await self._give_back()
         await close_channel_quietly(self._channel)
         expected = self.depth - self._acked
         deadline = time.monotonic() + RETURN_SECONDS
@@ -105,12 +150,23 @@ class Cursor:
                     return  # someone else is consuming: nothing more to wait for
                 await asyncio.sleep(0.01)
 
+    async def _give_back(self) -> None:
+        """Cancel the consumer, then return every unacked message of the channel at once."""
+        assert self._underlay is not None
+        if self._tag is not None:
+            tag, self._tag = self._tag, None
+            await self._underlay.basic_cancel(tag)
+        if self._delivered:
+            # Tag 0 with multiple: every message delivered on this channel and not acked.
+            await self._underlay.basic_nack(0, multiple=True, requeue=True)
+
     async def _consume(self) -> None:
         assert self._underlay is not None
         # The tag is chosen here, not read from ConsumeOk: deliveries may be
-        # dispatched before the ConsumeOk reply reaches this coroutine.
+        # dispatched before the ConsumeOk reply reaches this coroutine. Zero-padded,
+        # so that tags sort as their numbers (see the module docstring).
         self._consumers += 1
-        self._tag = f"qworker-dlq-{id(self):x}-{self._consumers}"
+        self._tag = f"qworker-dlq-{id(self):x}-{self._consumers:08d}"
         self._received = 0
         await self._underlay.basic_consume(
             self.queue, self._on_delivery, no_ack=False, consumer_tag=self._tag
@@ -120,17 +176,22 @@ class Cursor:
         assert isinstance(message.delivery, spec.Basic.Deliver)
         if message.delivery.consumer_tag == self._tag:
             self._received += 1
+        self._delivered += 1
         self._buffer.put_nowait(message)
 
     async def _roll(self) -> None:
         """Replace a consumer that has used its whole window by a fresh one."""
         assert self._underlay is not None and self._tag is not None
         await self._underlay.basic_cancel(self._tag)
+        if self._current_window != self._window:
+            self._current_window = self._window
+            await self._underlay.basic_qos(prefetch_count=self._window)
         await self._consume()
 
     async def next(self, timeout: float) -> Held | None:  # noqa: ASYNC109
         """The next message, or None if none came within ``timeout`` seconds."""
-        if self._received >= self._window and self._buffer.qsize() <= self._window // 2:
+        window = self._current_window
+        if self._received >= window and self._buffer.qsize() <= window // 2:
             await self._roll()
         if self._buffer.empty():
             try:
@@ -145,8 +206,12 @@ class Cursor:
         properties = message.header.properties
         dl = dead_letter(self.queue, message.body, properties_of(properties), properties.headers)
         count = dl.headers.get(DELIVERY_COUNT)
-        if isinstance(count, int) and count > (self.max_delivery_count or -1):
-            self.max_delivery_count = count
+        if isinstance(count, int) and not isinstance(count, bool):
+            if count > (self.max_delivery_count or -1):
+                self.max_delivery_count = count
+            if self.guard is not None:
+                # Raised before this message is used; closing gives it back below the limit.
+                self.guard.check(count)
         return Held(tag, dl)
 
     async def __aiter__(self) -> AsyncIterator[Held]:
