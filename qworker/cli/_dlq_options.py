@@ -17,6 +17,7 @@ from qworker import dlq as lib
 from qworker.app import App
 from qworker.cli._common import DEFAULT_URL, EXIT_USAGE, fail, run_async
 from qworker.connection import connect_once, normalise_urls
+from qworker.dlq.send import unpublishable
 from qworker.errors import ConfigurationError
 
 T = TypeVar("T")
@@ -85,6 +86,26 @@ def filter_options(func: Command) -> Command:
     return command
 
 
+def management_option(func: Command) -> Command:
+    """``--management-url``: where to read the DLQ's effective delivery limit (policies).
+
+    Without it the tool tries the broker URL's host on port 15672 with the same
+    credentials; see :class:`qworker.dlq.DeliveryGuard`.
+    """
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> Any:
+        with lib.use_management(kwargs.pop("management_url")):
+            return func(**kwargs)
+
+    return click.option(
+        "--management-url",
+        envvar="QWORKER_MANAGEMENT_URL",
+        help="Management API (http://user:pass@host:15672) to read the DLQ's delivery limit "
+        "from (policies included); default: the broker's host, port 15672.",
+    )(command)
+
+
 def limit_option(default: int | None) -> Callable[[Command], Command]:
     """``--limit N``: at most N matching messages; the command receives None for "all"."""
     shown = "all" if default is None else str(default)
@@ -102,12 +123,16 @@ def limit_option(default: int | None) -> Callable[[Command], Command]:
 
 
 def export_file(path: Path) -> Callable[[], Iterator[lib.DeadLetter]]:
-    """A function reading the records of an export file from the start on each call."""
+    """A function reading the records of an export file from the start on each call.
+
+    Each record is also checked to be publishable (its headers encodable), so a
+    record that could not be replayed is reported as ``file:line: problem``.
+    """
 
     def read() -> Iterator[lib.DeadLetter]:
         try:
             with path.open(encoding="utf-8") as lines:
-                yield from lib.read_records(lines, str(path))
+                yield from lib.read_records(lines, str(path), check=unpublishable)
         except UnicodeDecodeError as exc:
             raise lib.BadRecord(f"{path}: not UTF-8 text ({exc.reason})") from None
         except OSError as exc:

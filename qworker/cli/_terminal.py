@@ -116,25 +116,60 @@ def print_dead_letters(
 ) -> None:
     """The ``show`` table: one row per dead letter, newest facts first."""
     now = datetime.now(UTC)
-    rows: list[tuple[object, ...]] = [
-        (
-            dl.message_id or "-",
-            age(dl.failed_at, now),
-            dl.reason,
-            dl.error_type or "-",
-            dl.handler or "-",
-            dl.attempt,
-            dl.summary_line()[:120],
-            dl.body[:60].decode("utf-8", "replace"),
-        )
-        for dl in found
-    ]
+    rows = [_row(dl, now) for dl in found]
     more = " (--limit 0 shows all)" if limit and report.matched >= limit else ""
     _print_table(
-        ("ID", "AGE", "REASON", "ERROR TYPE", "HANDLER", "ATT", "MESSAGE", "BODY"),
+        _SHOW_COLUMNS,
         rows,
         f"{len(found)} shown of {report.depth} dead letters in {report.queue}{more}",
     )
+
+
+#: Column widths of ``show --limit 0``, whose rows are printed as they are read.
+STREAM_WIDTHS = (32, 5, 17, 40, 30, 3, 60)
+_SHOW_COLUMNS = ("ID", "AGE", "REASON", "ERROR TYPE", "HANDLER", "ATT", "MESSAGE", "BODY")
+
+
+def _row(dl: lib.DeadLetter, now: datetime) -> tuple[object, ...]:
+    return (
+        dl.message_id or "-",
+        age(dl.failed_at, now),
+        dl.reason,
+        dl.error_type or "-",
+        dl.handler or "-",
+        dl.attempt,
+        dl.summary_line()[:120],
+        dl.body[:60].decode("utf-8", "replace"),
+    )
+
+
+class StreamingTable:
+    """The ``show`` table printed row by row with fixed column widths, keeping nothing.
+
+    For ``show --limit 0``: memory stays flat however many dead letters are listed.
+    """
+
+    def __init__(self) -> None:
+        self.shown = 0
+        self._now = datetime.now(UTC)
+        self._line(_SHOW_COLUMNS)
+
+    def _line(self, row: tuple[object, ...]) -> None:
+        cells = [term(cell) for cell in row]
+        for i, width in enumerate(STREAM_WIDTHS):
+            if len(cells[i]) > width:
+                cells[i] = cells[i][: width - 1] + "…"
+            cells[i] = cells[i].ljust(width)
+        click.echo("  ".join(cells).rstrip())
+
+    def __call__(self, dl: lib.DeadLetter) -> None:
+        """Print one dead letter."""
+        self._line(_row(dl, self._now))
+        self.shown += 1
+
+    def footer(self, report: lib.ScanReport) -> None:
+        """The last line: how many were shown."""
+        click.echo(term(f"{self.shown} shown of {report.depth} dead letters in {report.queue}"))
 
 
 def group_record(group: lib.Group) -> dict[str, Any]:
@@ -184,6 +219,11 @@ def print_stats(aggregate: lib.Stats, report: lib.ScanReport, as_json: bool) -> 
     _print_table(
         ("COUNT", "REASON", "ERROR TYPE", "HANDLER", "FIRST", "LAST", "SAMPLE ID", "KIND"), rows, ""
     )
+    if lib.OTHER_KEY in aggregate.groups:
+        warn(
+            f"more than {aggregate.max_groups} kinds of failure: the dead letters of the later "
+            "kinds are counted together in the group 'other' (filter to see them apart)"
+        )
 
 
 class ReplayReporter:
@@ -238,5 +278,11 @@ def print_replay_summary(result: lib.ReplayResult, source: object, dry_run: bool
             f"replayed {result.replayed}, skipped {result.skipped}, failed {result.failed} "
             f"(from {term(source)})"
         )
+        left = result.skipped + result.failed
+        if left:
+            click.echo(
+                f"{left} selected messages were not replayed (listed above, each with its "
+                "reason); they stay in the DLQ"
+            )
     for report in result.reports:
         warn_delivery_count(report)

@@ -1,11 +1,13 @@
 """``qworker dlq``: inspect, group, export, replay, edit and purge dead letters.
 
 A thin layer over :mod:`qworker.dlq`. Exit codes: 0 success; 1 runtime failure
-(broker unreachable, queue missing, unreadable file, a publish not confirmed);
+(broker unreachable, queue missing, unreadable or unpublishable file record, a
+confirm that never came, reading refused because it could drop dead letters);
 2 bad usage (a bad filter, an unacceptable ``--to``); 3 the app cannot be
 loaded; 4 the canaries of a replay died again or were not handled in time (the
-rest was left untouched). Every failure is one line on stderr; everything
-printed has control characters escaped.
+rest was left untouched); 5 a replay finished but some selected messages were
+skipped or refused (each listed with its reason; they stay in the DLQ). Every
+failure is one line on stderr; everything printed has control characters escaped.
 """
 
 from __future__ import annotations
@@ -21,9 +23,17 @@ from aio_pika.abc import AbstractConnection
 
 from qworker import dlq as lib
 from qworker.cli._common import EXIT_APP, EXIT_USAGE, fail, load_app, url_option
-from qworker.cli._dlq_options import broker, export_file, filter_options, limit_option, with_broker
+from qworker.cli._dlq_options import (
+    broker,
+    export_file,
+    filter_options,
+    limit_option,
+    management_option,
+    with_broker,
+)
 from qworker.cli._terminal import (
     ReplayReporter,
+    StreamingTable,
     print_dead_letters,
     print_replay_summary,
     print_stats,
@@ -36,6 +46,7 @@ from qworker.dlq.probes import queue_depth
 from qworker.errors import ConfigurationError, DecodeError
 
 EXIT_CANARY = 4
+EXIT_PARTIAL = 5
 
 
 @click.group()
@@ -44,8 +55,11 @@ def dlq() -> None:
 
     The broker URL comes from --url or QWORKER_URL (default
     amqp://guest:guest@localhost:5672/). Reading never removes a message.
-    Exit codes: 0 ok, 1 runtime failure, 2 bad usage or filter, 3 app cannot
-    be loaded, 4 replay canaries died again or were not handled in time.
+    Exit codes: 0 ok, 1 runtime failure (also: reading refused because the
+    DLQ's effective delivery limit is within reach), 2 bad usage or filter,
+    3 app cannot be loaded, 4 replay canaries died again or were not handled in
+    time, 5 replay done but some selected messages were skipped or refused
+    (listed; they stay in the DLQ).
     """
     # The tool reports every failure itself, in one line; the client libraries'
     # own log records would add a second, unescaped one.
@@ -92,9 +106,10 @@ def ls(
         except ManagementError as exc:
             fail(str(exc))
     names = list(dict.fromkeys(names))
-    summaries = with_broker(
-        broker(url, app), lambda c: lib.summarize(c, names, sample=sample or None)
-    )
+    with lib.use_management(management_url):
+        summaries = with_broker(
+            broker(url, app), lambda c: lib.summarize(c, names, sample=sample or None)
+        )
     print_summaries(summaries)
 
 
@@ -103,21 +118,30 @@ def ls(
 @limit_option(20)
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per message, for scripts.")
+@management_option
 @url_option
 def show(queue: str, limit: int | None, chosen: lib.Filter, as_json: bool, url: str | None) -> None:
-    """List dead letters of QUEUE without removing any: a table, or JSON lines with --json."""
+    """List dead letters of QUEUE without removing any: a table, or JSON lines with --json.
+
+    With --limit 0 (all) the table is printed as it is read, with fixed column widths.
+    """
     found: list[lib.DeadLetter] = []
+    stream = StreamingTable() if limit is None and not as_json else None
 
     def visit(dl: lib.DeadLetter) -> None:
         if as_json:
             click.echo(lib.dumps(dl))  # streamed: memory stays flat however many
+        elif stream is not None:
+            stream(dl)
         else:
             found.append(dl)
 
     report = with_broker(
         broker(url), lambda c: lib.browse(c, queue, visit, chosen=chosen, limit=limit)
     )
-    if not as_json:
+    if stream is not None:
+        stream.footer(report)
+    elif not as_json:
         print_dead_letters(found, report, limit)
     warn_delivery_count(report)
 
@@ -127,6 +151,7 @@ def show(queue: str, limit: int | None, chosen: lib.Filter, as_json: bool, url: 
 @limit_option(None)
 @filter_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per group.")
+@management_option
 @url_option
 def stats(
     queue: str, limit: int | None, chosen: lib.Filter, as_json: bool, url: str | None
@@ -152,6 +177,7 @@ def stats(
 @click.option(
     "--remove", is_flag=True, help="Remove exported messages, once the file is on disk (fsync)."
 )
+@management_option
 @url_option
 def export(
     queue: str,
@@ -216,6 +242,7 @@ def export(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Replay the records of an export file instead of a DLQ.",
 )
+@management_option
 @url_option
 def replay(
     queue: str | None,
@@ -233,7 +260,11 @@ def replay(
     """Publish dead letters of QUEUE back to their origin queue (or --to), then remove them.
 
     Each message is removed from the DLQ only after the broker confirmed its
-    copy; the others stay. The origin of QUEUE named Q.dlq is Q.
+    copy; the others stay. The origin of QUEUE named Q.dlq is Q. A message that
+    cannot be published (no acceptable target, a header that cannot be encoded,
+    refused by the broker) is listed with its reason and stays in the DLQ; the
+    others are replayed, and the exit code is 5. --from-file checks every record
+    (readable and encodable) before publishing anything.
     """
     if (queue is None) == (from_file is None):
         fail("give either QUEUE or --from-file FILE", EXIT_USAGE)
@@ -286,6 +317,12 @@ def replay(
             f"canary not confirmed: not handled within {canary_timeout:g}s; the rest is untouched",
             EXIT_CANARY,
         )
+    if not dry_run and result.skipped + result.failed:
+        fail(
+            f"{result.skipped + result.failed} selected messages were not replayed; "
+            "they stay in the DLQ",
+            EXIT_PARTIAL,
+        )
 
 
 @dlq.command()
@@ -293,6 +330,7 @@ def replay(
 @click.argument("message_id")
 @click.option("--app", "app_spec", help="APP (module:attribute) whose handler validates the body.")
 @click.option("--to", help="Replay into this queue instead of the message's origin queue.")
+@management_option
 @url_option
 def edit(
     queue: str, message_id: str, app_spec: str | None, to: str | None, url: str | None
@@ -330,6 +368,7 @@ def edit(
 @filter_options
 @limit_option(None)
 @click.option("--yes", is_flag=True, help="Really delete; without it, only say what would go.")
+@management_option
 @url_option
 def purge(queue: str, chosen: lib.Filter, limit: int | None, yes: bool, url: str | None) -> None:
     """Delete the matching dead letters of QUEUE (all without filters); the others stay."""
