@@ -306,7 +306,7 @@ def test_fit_frame_leaves_a_fitting_copy_untouched_without_measuring_it() -> Non
     assert h.fit_frame(headers, boom, 131_064) is headers
 
 
-def test_the_blocked_state_of_an_aiormq_connection_is_where_qworker_reads_it() -> None:
+async def test_the_blocked_state_of_an_aiormq_connection_is_where_qworker_reads_it() -> None:
     """qworker.publish.blocked reads aiormq's private unblocked event: pin the attribute, so that
     an aiormq release that renames it fails here instead of silently failing publishes during a
     broker alarm."""
