@@ -246,6 +246,8 @@ class Consumer:
         circuit = self._circuit
         route = circuit.route() if circuit is not None else Route.PRIMARY
         if route is Route.RETURN:
+            assert circuit is not None
+            await circuit.paused()
             return route, None
         if route is Route.FALLBACK:
             return route, await self._fallback(payload, message, Run(attempt, None, 0.0))

@@ -117,6 +117,7 @@ class CircuitControl:
         self._gate: Gate | None = None
         self._probing = False
         self._cooldown: asyncio.Task[None] | None = None
+        self._pausing: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
@@ -157,6 +158,17 @@ class CircuitControl:
         if changed is not None:
             self._changed(changed)
 
+    async def paused(self) -> None:
+        """Return once a pause in progress has reached the broker.
+
+        A delivery the open breaker gives back is returned only after the ``basic.cancel``:
+        returned earlier, the broker could hand it straight back to the same consumer,
+        and every return may count toward the queue's delivery limit.
+        """
+        pausing = self._pausing
+        if pausing is not None and not pausing.done():
+            await asyncio.shield(pausing)
+
     def probe_settled(self) -> None:
         """The probe ended without counting (e.g. a permanent error): let another probe run."""
         self._probing = False
@@ -171,7 +183,7 @@ class CircuitControl:
         gate = self._gate
         if state is CircuitState.OPEN:
             if gate is not None and not self._has_fallback:
-                self._spawn(gate.pause())
+                self._pausing = self._spawn(gate.pause())
             self._ensure_cooldown()
         elif state is CircuitState.HALF_OPEN:
             if gate is not None and not self._has_fallback:
