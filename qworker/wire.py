@@ -67,6 +67,7 @@ import calendar
 import datetime as _dt
 import decimal as _decimal
 import logging
+import math
 import struct
 import time
 from collections.abc import Callable
@@ -189,6 +190,16 @@ class LegacyLongLongInt(WireInt):
     packer = struct.Struct(">q")
 
 
+class NonFinite64(float):
+    """A delivered ``d`` that is NaN or infinite, with its 8 wire bytes.
+
+    A plain non-finite ``float`` is refused on encode (RabbitMQ 3.10 closes the connection
+    of a publisher that sends one); one the broker itself delivered is sent back as it came.
+    """
+
+    wire: bytes
+
+
 class Float32(float):
     """``f``: a 32-bit float; keeps the 4 wire bytes (a float32 NaN payload survives)."""
 
@@ -298,7 +309,11 @@ def _d_f32(data: bytes, pos: int) -> tuple[Any, int]:
 
 
 def _d_f64(data: bytes, pos: int) -> tuple[Any, int]:
-    return _F64.unpack_from(data, pos)[0], pos + 8
+    value = _F64.unpack_from(data, pos)[0]
+    if not math.isfinite(value):  # kept with its bytes: only delivered ones are sent back
+        value = NonFinite64(value)
+        value.wire = bytes(data[pos : pos + 8])
+    return value, pos + 8
 
 
 def _d_decimal(data: bytes, pos: int) -> tuple[Any, int]:
@@ -478,7 +493,19 @@ def _e_bool(value: bool) -> bytes:
 
 
 def _e_float(value: float) -> bytes:
+    # RabbitMQ (3.10 checked) refuses a non-finite float header by closing the publisher's
+    # *connection* (541, Erlang floats have no NaN/inf): on a worker's connection that would
+    # take every consumer down. Refused here instead, as one failed publish.
+    if not math.isfinite(value):
+        raise ValueError(f"RabbitMQ refuses non-finite float headers ({value!r})")
     return b"d" + _F64.pack(value)
+
+
+def _e_non_finite64(value: NonFinite64) -> bytes:
+    wire: bytes | None = getattr(value, "wire", None)
+    if wire is None:
+        return _e_float(value)
+    return b"d" + wire
 
 
 def _e_float32(value: Float32) -> bytes:
@@ -609,6 +636,7 @@ _ENCODERS: Final[dict[type, _Encoder]] = {
     bytes: _e_bytes,
     LongBytes: _e_long_bytes,
     Float32: _e_float32,
+    NonFinite64: _e_non_finite64,
     _decimal.Decimal: _e_decimal,
     _dt.datetime: _e_timestamp,
     Timestamp: _e_timestamp,
@@ -624,6 +652,7 @@ _FALLBACK: Final[tuple[tuple[type | tuple[type, ...], _Encoder], ...]] = (
     (WireInt, _e_wire_int),
     (int, _e_int),
     (Float32, _e_float32),
+    (NonFinite64, _e_non_finite64),
     (float, _e_float),
     (_decimal.Decimal, _e_decimal),
     (str, _e_str),

@@ -9,7 +9,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from qworker import App, Permanent, RetryPolicy
+from qworker import App, Context, Permanent, RetryPolicy
 from qworker import headers as h
 from qworker.errors import ConfigurationError
 from qworker.testing import running
@@ -194,3 +194,31 @@ async def test_a_replayed_broker_delivery_limit_dead_letter_that_fails_once_come
     async with running(app):
         await asyncio.wait_for(handled.wait(), 15)
     assert attempts == [1, 2]
+
+
+async def test_publishing_a_nan_header_fails_one_publish_and_keeps_the_connection(
+    broker_url: str, queue_name: str, cleanup: list[str]
+) -> None:
+    """A handler that publishes a NaN header gets PublishFailed; the worker's connection (shared
+    with every consumer) is not closed by the broker, which refuses non-finite floats with 541."""
+    from qworker.errors import PublishFailed
+
+    app = App(broker_url)
+    outcome: list[str] = []
+    done = asyncio.Event()
+
+    @app.handler(queue_name)
+    async def handle(payload: dict[str, str], ctx: Context) -> None:
+        try:
+            await ctx.publish(queue_name + ".out", {"k": "v"}, headers={"ratio": float("nan")})
+        except PublishFailed as exc:
+            outcome.append(str(exc))
+        done.set()
+
+    cleanup.extend(s.name for s in app.topology())
+    async with running(app) as worker:
+        await app.publish(queue_name, {"k": "v"})
+        await asyncio.wait_for(done.wait(), 10)
+        await asyncio.sleep(0.5)
+        assert worker.connections == 1 and worker.health()["ready"]
+    assert outcome and "non-finite" in outcome[0]

@@ -437,3 +437,13 @@ def test_without_the_codec_pamqp_loses_types_and_fails() -> None:
     finally:
         wire.install()
     assert wire.installed()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_plain_non_finite_float_header_is_refused_on_encode(value: float) -> None:
+    """RabbitMQ closes the connection of a publisher that sends NaN/inf (541); qworker refuses
+    such a header as a ValueError (one failed publish) instead of losing the connection."""
+    from pamqp import encode
+
+    with pytest.raises(ValueError, match="non-finite"):
+        encode.field_table({"ratio": value})
