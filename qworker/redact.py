@@ -303,11 +303,17 @@ def mask_url(url: str) -> str:
 
 # C0/C1 controls (ESC starts terminal escape sequences), and the invisible Unicode format
 # characters (bidi overrides, zero-width, line/paragraph separators) that can disguise text.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+# Also lone surrogates: a non-UTF-8 byte decoded with ``surrogateescape`` (U+DC80-U+DCFF, e.g.
+# a binary message id) is shown as the byte it stands for; printing it raw fails or emits it.
+_CONTROL = re.compile(
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
+)
 
 
 def _escaped(match: re.Match[str]) -> str:
     code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 

@@ -23,6 +23,7 @@ import pydantic
 
 from qworker.dlq.records import DeadLetter, dead_letter
 from qworker.errors import QworkerError
+from qworker.wire import RawTimestamp
 
 _INT64 = 2**63
 _MAX_DEPTH = 16
@@ -33,9 +34,12 @@ class BadRecord(QworkerError):
 
 
 def jsonable(value: Any) -> Any:
-    """A header or property value as JSON: datetimes ISO, bytes UTF-8 or base64, Decimal text."""
+    """A header or property value as JSON: datetimes ISO, bytes UTF-8 or base64, Decimal text,
+    a timestamp past year 9999 (:class:`qworker.wire.RawTimestamp`) as its integer seconds."""
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, RawTimestamp):
+        return value.raw
     if isinstance(value, bytes | bytearray):
         try:
             return bytes(value).decode("utf-8")
@@ -88,7 +92,8 @@ class _Properties(pydantic.BaseModel):
     reply_to: str | None = None
     expiration: str | None = None
     message_id: str | None = None
-    timestamp: datetime | None = None
+    timestamp: datetime | int | None = None
+    """ISO 8601, or integer seconds for a timestamp no datetime can hold (past year 9999)."""
     type: str | None = None
     user_id: str | None = None
     app_id: str | None = None
@@ -144,6 +149,11 @@ def parse_line(line: str, where: str) -> DeadLetter:
     except (binascii.Error, UnicodeEncodeError) as exc:
         raise BadRecord(f"{where}: body is not valid {record.body_encoding}: {exc}") from None
     properties = record.properties.model_dump(exclude_none=True)
+    if isinstance(stamp := properties.get("timestamp"), int):
+        try:
+            properties["timestamp"] = RawTimestamp(stamp)
+        except ValueError as exc:
+            raise BadRecord(f"{where}: properties.timestamp: {exc}") from None
     return dead_letter(record.queue, body, properties, record.headers)
 
 

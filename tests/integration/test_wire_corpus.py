@@ -338,9 +338,6 @@ async def dlq_show(broker_url: str, dlq: str, *extra: str) -> str:
     return shown.stdout.decode("utf-8", "replace")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="qworker.dlq.jsonl.jsonable has no JSON form for wire.RawTimestamp"
-)
 async def test_dlq_tool_json_shows_a_timestamp_past_9999(
     broker_url: str, queue_name: str, cleanup: list[str]
 ) -> None:

@@ -182,3 +182,18 @@ def test_escape_control_output_has_no_control_characters() -> None:
 def test_non_ascii_letters_that_fold_to_a_trigger_word_are_still_redacted(text: str) -> None:
     """The no-trigger shortcut must not skip text the case-insensitive patterns would match."""
     assert "hunter2" not in redact(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (b"wire-\xff-id".decode("utf-8", "surrogateescape"), "wire-\\xff-id"),
+        ("lone \ud800 high", "lone \\ud800 high"),
+        ("\udc80\udcff", "\\x80\\xff"),
+    ],
+)
+def test_escape_control_shows_surrogates_as_the_bytes_they_stand_for(text: str, shown: str) -> None:
+    """A non-UTF-8 message id (decoded with surrogateescape) prints as \\xNN, never raw."""
+    escaped = escape_control(text)
+    assert escaped == shown
+    escaped.encode("utf-8")  # printable on any UTF-8 terminal

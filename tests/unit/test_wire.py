@@ -447,3 +447,21 @@ def test_a_plain_non_finite_float_header_is_refused_on_encode(value: float) -> N
 
     with pytest.raises(ValueError, match="non-finite"):
         encode.field_table({"ratio": value})
+
+
+def test_an_exported_timestamp_past_9999_is_read_back_as_the_same_raw_value() -> None:
+    """dlq export writes a timestamp no datetime can hold as its integer seconds; replay
+    --from-file reads it back as the same raw value, so the replayed copy carries the same 8
+    bytes."""
+    import json
+
+    from qworker.dlq.jsonl import parse_line, to_record
+    from qworker.dlq.records import dead_letter
+    from qworker.wire import RawTimestamp
+
+    stamp = RawTimestamp(2**62)
+    letter = dead_letter("orders.dlq", b"{}", {"timestamp": stamp, "message_id": "m-1"}, {})
+    line = json.dumps(to_record(letter))
+    assert json.loads(line)["properties"]["timestamp"] == 2**62
+    again = parse_line(line, "export.jsonl:1")
+    assert again.properties["timestamp"] == stamp
