@@ -163,7 +163,18 @@ class App:
         queue: str | None = None,
     ) -> AlertRule:
         """Call ``notify(alert)`` when ``count`` outcomes of kind ``when`` (at least ``severity``,
-        on ``queue`` if given) happen within ``within`` seconds; quiet for ``cooldown`` after."""
+        on ``queue`` if given) happen within ``within`` seconds; quiet for ``cooldown`` after.
+
+        Args:
+            notify: An async function called with the :class:`~qworker.Alert` (in its own
+                task, with a time limit; it never changes a message's outcome).
+            when: Count dead letters (``"dead_lettered"``) or scheduled retries (``"retried"``).
+            count: How many outcomes within ``within`` seconds fire the alert.
+            within: The sliding window, in seconds.
+            cooldown: Seconds of quiet after an alert (default: ``within``).
+            severity: Count only outcomes at least this severe.
+            queue: Count only outcomes of this queue (default: every queue).
+        """
         rule = AlertRule(
             _checked_hook(notify),
             when=when,

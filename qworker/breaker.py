@@ -19,6 +19,13 @@ from qworker.events import CircuitState
 class CircuitBreaker:
     """When to open: ``failure_ratio`` of the last ``window`` calls (at least ``min_calls``)
     within ``within`` seconds failed transiently. Open for ``cooldown`` seconds, then one probe.
+
+    Args:
+        failure_ratio: The share of transient failures that opens the breaker, in (0, 1].
+        window: How many of the latest calls are counted.
+        min_calls: Calls needed in the window before the breaker may open (1..window).
+        within: Only calls of the last ``within`` seconds count.
+        cooldown: Seconds the breaker stays open before one probe delivery runs.
     """
 
     failure_ratio: float = 0.5

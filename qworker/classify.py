@@ -37,6 +37,7 @@ class Reason(StrEnum):
     DELIVERY_LIMIT = "delivery_limit"
     REJECTED = "rejected"
     EXPIRED = "expired"
+    MAXLEN = "maxlen"
 
 
 #: Reasons qworker writes to ``x-qworker-reason``.
@@ -47,7 +48,12 @@ QWORKER_REASONS: tuple[Reason, ...] = (
     Reason.TIMEOUT,
 )
 #: Reasons RabbitMQ writes to ``x-death`` when it dead-letters a message itself.
-BROKER_REASONS: tuple[Reason, ...] = (Reason.DELIVERY_LIMIT, Reason.REJECTED, Reason.EXPIRED)
+BROKER_REASONS: tuple[Reason, ...] = (
+    Reason.DELIVERY_LIMIT,
+    Reason.REJECTED,
+    Reason.EXPIRED,
+    Reason.MAXLEN,
+)
 
 
 class Action(Enum):

@@ -48,3 +48,31 @@ class PublishFailed(QworkerError):
 
 class BrokerUnavailable(QworkerError):
     """None of the configured broker URLs accepted a connection."""
+
+
+# The DLQ tool's errors (``qworker.dlq``); the CLI turns each into one line and an exit code.
+
+
+class QueueNotFound(QworkerError):
+    """The queue does not exist (the broker answered 404 to a passive declare)."""
+
+
+class BrowseRefused(QworkerError):
+    """Reading the queue could make the broker drop (or dead-letter onwards) a dead letter:
+    a delivery limit (argument or policy) is within reach of repeated browsing."""
+
+
+class FilterError(QworkerError):
+    """A filter value cannot be understood (a usage error)."""
+
+
+class BadTarget(QworkerError):
+    """``--to`` names something that is not a plain queue name, or the DLQ itself."""
+
+
+class BadRecord(QworkerError):
+    """A line of an export file is not a dead-letter record."""
+
+
+class ManagementError(QworkerError):
+    """The management API could not be asked, or answered something unexpected."""

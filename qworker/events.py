@@ -52,6 +52,7 @@ DEFAULT_SEVERITY: Mapping[str, Severity] = {
     Reason.DELIVERY_LIMIT: Severity.CRITICAL,
     Reason.REJECTED: Severity.HIGH,
     Reason.EXPIRED: Severity.MEDIUM,
+    Reason.MAXLEN: Severity.HIGH,
 }
 assert set(DEFAULT_SEVERITY) == {RETRY, *Reason}, "every reason has a default severity"
 

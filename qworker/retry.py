@@ -30,6 +30,14 @@ class RetryPolicy:
     up to ``jitter`` (a fraction) so that a burst of failures does not come back
     at the same instant. ``immediate`` in-process retries (no delay) run before
     each delayed retry and count as attempts.
+
+    Args:
+        max_attempts: Handler executions in all, the first included (>= 1).
+        initial_delay: Seconds before the first delayed retry (0 to 7 days).
+        multiplier: Growth of the delay from one retry to the next (>= 1).
+        max_delay: The longest delay, in seconds (up to 7 days).
+        jitter: Up to this fraction of a delay is taken off at random, in [0, 1).
+        immediate: In-process retries without delay before each delayed retry (>= 0).
     """
 
     max_attempts: int = 5

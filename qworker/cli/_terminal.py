@@ -242,9 +242,9 @@ class ReplayReporter:
     def __call__(self, event: lib.Event) -> None:
         """Report one selected dead letter's outcome."""
         name = term(event.dead_letter.message_id or "(no id)")
-        if event.outcome is lib.Outcome.PLANNED:
+        if event.outcome is lib.ReplayOutcome.PLANNED:
             click.echo(f"would replay {name} -> {term(event.target)}")
-        elif event.outcome in (lib.Outcome.SKIPPED, lib.Outcome.FAILED):
+        elif event.outcome in (lib.ReplayOutcome.SKIPPED, lib.ReplayOutcome.FAILED):
             self._noted += 1
             self._clear()
             if self._noted <= EVENT_LINES:

@@ -41,9 +41,9 @@ from qworker.cli._terminal import (
     term,
     warn_delivery_count,
 )
-from qworker.dlq.management import ManagementError, list_dlqs
+from qworker.dlq.management import list_dlqs
 from qworker.dlq.probes import queue_depth
-from qworker.errors import ConfigurationError, DecodeError
+from qworker.errors import ConfigurationError, DecodeError, ManagementError
 
 EXIT_CANARY = 4
 EXIT_PARTIAL = 5

@@ -30,15 +30,22 @@ from aio_pika.abc import AbstractConnection
 
 from qworker.app import App
 from qworker.dlq.cursor import ScanReport, select
-from qworker.dlq.filters import Filter, FilterError
-from qworker.dlq.jsonl import BadRecord, dumps, read_records
-from qworker.dlq.probes import BrowseRefused, DeliveryGuard, QueueNotFound, Safety, use_management
+from qworker.dlq.filters import Filter
+from qworker.dlq.jsonl import dumps, read_records
+from qworker.dlq.probes import DeliveryGuard, Safety, use_management
 from qworker.dlq.records import DeadLetter, origin
 from qworker.dlq.replay import ReplayOptions, check_records, replace, replay, replay_records
-from qworker.dlq.routing import BadTarget
-from qworker.dlq.send import Canary, Event, Outcome, ReplayResult
+from qworker.dlq.send import Canary, Event, ReplayOutcome, ReplayResult
 from qworker.dlq.stats import OTHER_KEY, Group, Stats
-from qworker.errors import ConfigurationError
+from qworker.errors import (
+    BadRecord,
+    BadTarget,
+    BrowseRefused,
+    ConfigurationError,
+    FilterError,
+    ManagementError,
+    QueueNotFound,
+)
 
 __all__ = [
     "OTHER_KEY",
@@ -53,9 +60,10 @@ __all__ = [
     "Filter",
     "FilterError",
     "Group",
-    "Outcome",
+    "ManagementError",
     "QueueNotFound",
     "ReplayOptions",
+    "ReplayOutcome",
     "ReplayResult",
     "Safety",
     "ScanReport",
@@ -90,7 +98,18 @@ async def browse(
 ) -> ScanReport:
     """Call ``visit`` for each dead letter of ``queue`` matching ``chosen`` (at most ``limit``).
 
-    The DLQ is unchanged afterwards. Raises :class:`QueueNotFound`.
+    The DLQ is unchanged afterwards: every message is held while read and given back.
+
+    Args:
+        connection: An open connection to the broker (the library opens its own channels).
+        queue: The DLQ to read.
+        visit: Called with each matching :class:`DeadLetter`, oldest first.
+        chosen: Only dead letters matching this filter (default: all).
+        limit: At most this many matching dead letters (None: all).
+
+    Raises:
+        QueueNotFound: ``queue`` does not exist.
+        BrowseRefused: reading could make the broker drop dead letters (delivery limit).
     """
     async with select(connection, queue, chosen or Filter(), limit) as selection:
         async for held in selection:
@@ -105,7 +124,17 @@ async def stats(
     chosen: Filter | None = None,
     limit: int | None = None,
 ) -> tuple[Stats, ScanReport]:
-    """Group the matching dead letters (see :mod:`qworker.dlq.stats`), keeping no bodies."""
+    """Group the matching dead letters (see :mod:`qworker.dlq.stats`), keeping no bodies.
+
+    Memory is bounded by the number of groups (capped; the rest are counted as one
+    ``other`` group), not by the number of dead letters.
+
+    Args:
+        connection: An open connection to the broker (the library opens its own channels).
+        queue: The DLQ to read.
+        chosen: Only dead letters matching this filter (default: all).
+        limit: At most this many matching dead letters (None: all).
+    """
     aggregate = Stats()
     report = await browse(connection, queue, aggregate.add, chosen=chosen, limit=limit)
     return aggregate, report
@@ -126,6 +155,14 @@ async def export(
     first, then every :data:`EXPORT_BATCH` records (and at the end) the file is
     flushed and fsynced, and only then are those messages acked, so a crash
     leaves each message in the file, the DLQ or both.
+
+    Args:
+        connection: An open connection to the broker (the library opens its own channels).
+        queue: The DLQ to read.
+        out: A text file open for writing (JSONL, see :mod:`qworker.dlq.jsonl`).
+        chosen: Only dead letters matching this filter (default: all).
+        limit: At most this many matching dead letters (None: all).
+        remove: Also remove the written dead letters from the DLQ (after fsync).
     """
     if remove:
         _sync_directory(out)
@@ -171,7 +208,14 @@ async def purge(
     chosen: Filter | None = None,
     limit: int | None = None,
 ) -> ScanReport:
-    """Delete the matching dead letters (``report.matched`` of them); the others stay."""
+    """Delete the matching dead letters (``report.matched`` of them); the others stay.
+
+    Args:
+        connection: An open connection to the broker (the library opens its own channels).
+        queue: The DLQ to read.
+        chosen: Only dead letters matching this filter (default: all).
+        limit: At most this many matching dead letters (None: all).
+    """
     async with select(connection, queue, chosen or Filter(), limit) as selection:
         async for held in selection:
             await selection.cursor.ack(held.tag)

@@ -7,15 +7,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from qworker.dlq.records import KNOWN_REASONS, UNKNOWN, DeadLetter, parse_time
-from qworker.errors import QworkerError
+from qworker.errors import FilterError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _RELATIVE = re.compile(r"(?:\d{1,9}[smhdw])+")
 _PART = re.compile(r"(\d+)([smhdw])")
-
-
-class FilterError(QworkerError):
-    """A filter value cannot be understood (a usage error)."""
 
 
 def parse_when(text: str, now: datetime) -> datetime:

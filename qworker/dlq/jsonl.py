@@ -22,15 +22,11 @@ from typing import Any, Literal
 import pydantic
 
 from qworker.dlq.records import DeadLetter, dead_letter
-from qworker.errors import QworkerError
+from qworker.errors import BadRecord
 from qworker.wire import RawTimestamp
 
 _INT64 = 2**63
 _MAX_DEPTH = 16
-
-
-class BadRecord(QworkerError):
-    """A line of an export file is not a dead-letter record."""
 
 
 def jsonable(value: Any) -> Any:

@@ -14,14 +14,9 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from qworker.errors import QworkerError
+from qworker.errors import ManagementError
 from qworker.redact import mask_url
-
-DLQ_SUFFIX = ".dlq"
-
-
-class ManagementError(QworkerError):
-    """The management API could not be asked, or answered something unexpected."""
+from qworker.topology import DLQ_SUFFIX
 
 
 def dlq_names(queues: Any) -> list[str]:

@@ -17,17 +17,9 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from qworker.dlq import management
-from qworker.errors import QworkerError
+from qworker.errors import BrowseRefused, ManagementError, QueueNotFound
 from qworker.redact import mask_url
 from qworker.topology import dead_letter_queue
-
-
-class QueueNotFound(QworkerError):
-    """The queue does not exist (the broker answered 404 to a passive declare)."""
-
-
-class BrowseRefused(QworkerError):
-    """Reading the queue could make the broker drop (or dead-letter onwards) a dead letter."""
 
 
 class Safety(enum.Enum):
@@ -204,7 +196,7 @@ async def delivery_guard(connection: AbstractConnection, name: str) -> DeliveryG
         for kind in ("policies", "operator-policies"):
             try:
                 found = management.policies(management_url, vhost, kind)
-            except management.ManagementError:
+            except ManagementError:
                 continue  # a user without the rights to list them: the queue's view decides
             limits.append(management.policy_delivery_limit(found, name))
         known = [limit for limit in limits if limit is not None]
@@ -212,7 +204,7 @@ async def delivery_guard(connection: AbstractConnection, name: str) -> DeliveryG
 
     try:
         limit, quorum = await asyncio.to_thread(ask)
-    except management.ManagementError as exc:
+    except ManagementError as exc:
         return DeliveryGuard(name, None, str(exc))
     source = f"management API at {mask_url(management_url)}"
     if limit is None:

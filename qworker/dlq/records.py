@@ -11,18 +11,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from qworker import failures
+from qworker import classify, failures
 from qworker import headers as h
 from qworker.redact import escape_control
+from qworker.topology import DLQ_SUFFIX
 
 #: Reasons qworker writes, then the ``x-death`` reasons RabbitMQ writes.
-QWORKER_REASONS = ("permanent_error", "retries_exhausted", "decode_error", "timeout")
-BROKER_REASONS = ("delivery_limit", "rejected", "expired", "maxlen")
+QWORKER_REASONS: tuple[str, ...] = tuple(r.value for r in classify.QWORKER_REASONS)
+BROKER_REASONS: tuple[str, ...] = tuple(r.value for r in classify.BROKER_REASONS)
 KNOWN_REASONS = (*QWORKER_REASONS, *BROKER_REASONS)
 UNKNOWN = "unknown"
 #: Delivery metadata a quorum queue adds; not part of the message, dropped on replay.
 DELIVERY_COUNT = "x-delivery-count"
-DLQ_SUFFIX = ".dlq"
 _MAX_QUEUE_BYTES = 255
 
 #: The AMQP basic properties kept by the tool, as (name, type) in wire order.
@@ -171,14 +171,14 @@ def queue_name_problem(name: str, dlq: str | None) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
-class Route:
+class Destination:
     """Where a dead letter would be replayed to, or why it cannot be."""
 
     queue: str | None
     problem: str | None = None
 
 
-def origin(dl: DeadLetter) -> Route:
+def origin(dl: DeadLetter) -> Destination:
     """The queue a dead letter came from, decided by the DLQ's name before any header.
 
     For a DLQ named ``Q.dlq`` the origin is ``Q``: qworker and the broker's
@@ -193,15 +193,19 @@ def origin(dl: DeadLetter) -> Route:
     if dl.queue.endswith(DLQ_SUFFIX) and len(dl.queue) > len(DLQ_SUFFIX):
         base = dl.queue[: -len(DLQ_SUFFIX)]
         if raw is None or named == base:
-            return Route(base)
+            return Destination(base)
         shown = escape_control(named[:60]) if named is not None else f"a {type(raw).__name__}"
-        return Route(None, f"x-qworker-queue is {shown!r}, not {base!r} (the queue of this DLQ)")
+        return Destination(
+            None, f"x-qworker-queue is {shown!r}, not {base!r} (the queue of this DLQ)"
+        )
     if named is None:
-        return Route(None, f"no origin: no x-qworker-queue header and {dl.queue!r} is not *.dlq")
+        return Destination(
+            None, f"no origin: no x-qworker-queue header and {dl.queue!r} is not *.dlq"
+        )
     problem = queue_name_problem(named, dl.queue)
     if problem is not None:
-        return Route(None, f"x-qworker-queue: {escape_control(problem[:120])}")
-    return Route(named)
+        return Destination(None, f"x-qworker-queue: {escape_control(problem[:120])}")
+    return Destination(named)
 
 
 def replay_properties(dl: DeadLetter, body: bytes | None = None) -> tuple[bytes, dict[str, Any]]:

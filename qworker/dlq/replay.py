@@ -20,7 +20,6 @@ from aio_pika.abc import AbstractConnection
 
 from qworker.dlq.cursor import Cursor, Held, select
 from qworker.dlq.filters import Filter
-from qworker.dlq.jsonl import BadRecord
 from qworker.dlq.probes import close_channel_quietly, queue_depth
 from qworker.dlq.records import DeadLetter, same_message
 from qworker.dlq.routing import Router
@@ -29,13 +28,13 @@ from qworker.dlq.send import (
     Canary,
     Event,
     EventHandler,
-    Outcome,
+    ReplayOutcome,
     ReplayResult,
     Sender,
-    build_message,
+    replay_message,
     unpublishable,
 )
-from qworker.errors import QworkerError
+from qworker.errors import BadRecord, QworkerError
 from qworker.publish import ConfirmedPublisher
 
 
@@ -69,10 +68,10 @@ async def _offer(
     dl = held.dead_letter
     route = await router.route(dl)
     if route.queue is None:
-        sender.report(Event(dl, Outcome.SKIPPED, None, route.problem))
+        sender.report(Event(dl, ReplayOutcome.SKIPPED, None, route.problem))
         return None
     if dry_run:
-        sender.report(Event(dl, Outcome.PLANNED, route.queue))
+        sender.report(Event(dl, ReplayOutcome.PLANNED, route.queue))
         return None
     message = await sender.send(dl, route.queue, partial(cursor.ack, held.tag))
     return None if message is None else (message, route.queue)
@@ -169,9 +168,21 @@ async def replay(
 ) -> ReplayResult:
     """Replay the dead letters of ``queue`` that match ``chosen``; see :class:`ReplayOptions`.
 
-    Messages not selected, skipped or not confirmed stay in the DLQ. Raises
-    :class:`qworker.dlq.cursor.QueueNotFound` for a missing DLQ or ``to`` queue
-    and :class:`qworker.dlq.routing.BadTarget` for an unacceptable ``to``.
+    Each copy is published with confirms to its origin queue (or ``options.to``), with
+    the failure headers reset, and the dead letter is acked only after the confirm.
+    Messages not selected, skipped or not confirmed stay in the DLQ; a failure of one
+    message is contained to it (listed as an event, counted in the result).
+
+    Args:
+        connection: An open connection to the broker.
+        queue: The DLQ to replay from.
+        chosen: Only dead letters matching this filter (default: all).
+        options: Limit, rate, canaries, target, dry run (default: :class:`ReplayOptions`).
+        on_event: Called with an :class:`Event` for each selected dead letter.
+
+    Raises:
+        QueueNotFound: the DLQ or the ``to`` queue does not exist.
+        BadTarget: ``options.to`` is not acceptable (the DLQ itself, not a queue name).
     """
     chosen = chosen or Filter()
     options = options or ReplayOptions()
@@ -249,6 +260,13 @@ async def replay_records(
     Every record is read and checked (see :func:`check_records`) before anything
     is published, so a bad or unencodable record stops the replay with nothing
     sent (:class:`BadRecord`). Canaries are not supported here.
+
+    Args:
+        connection: An open connection to the broker.
+        records: Yields the records (e.g. of an export file) anew on each call.
+        chosen: Only records matching this filter (default: all).
+        options: Limit, rate, target, dry run (default: :class:`ReplayOptions`).
+        on_event: Called with an :class:`Event` for each selected record.
     """
     chosen = chosen or Filter()
     options = options or ReplayOptions()
@@ -269,9 +287,9 @@ async def replay_records(
             selected += 1
             route = await router.route(dl)
             if route.queue is None:
-                sender.report(Event(dl, Outcome.SKIPPED, None, route.problem))
+                sender.report(Event(dl, ReplayOutcome.SKIPPED, None, route.problem))
             elif options.dry_run:
-                sender.report(Event(dl, Outcome.PLANNED, route.queue))
+                sender.report(Event(dl, ReplayOutcome.PLANNED, route.queue))
             else:
                 await sender.send(dl, route.queue, _nothing)
         await sender.drain()
@@ -304,7 +322,7 @@ async def replace(
         ) as sel:
             async for held in sel:
                 if same_message(held.dead_letter, original):
-                    await publisher.publish(build_message(held.dead_letter, body), route.queue)
+                    await publisher.publish(replay_message(held.dead_letter, body), route.queue)
                     await sel.cursor.ack(held.tag)
                     await sel.cursor.flush()
                     return route.queue

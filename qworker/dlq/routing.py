@@ -9,13 +9,9 @@ from __future__ import annotations
 
 from aio_pika.abc import AbstractConnection
 
-from qworker.dlq.probes import QueueNotFound, queue_depth
-from qworker.dlq.records import DeadLetter, Route, origin, queue_name_problem
-from qworker.errors import QworkerError
-
-
-class BadTarget(QworkerError):
-    """``--to`` names something that is not a plain queue name, or the DLQ itself."""
+from qworker.dlq.probes import queue_depth
+from qworker.dlq.records import DeadLetter, Destination, origin, queue_name_problem
+from qworker.errors import BadTarget, QueueNotFound
 
 
 class Router:
@@ -37,18 +33,20 @@ class Router:
                 raise BadTarget(f"--to: {problem}")
             await queue_depth(self._connection, self._to)
 
-    async def route(self, dl: DeadLetter) -> Route:
+    async def route(self, dl: DeadLetter) -> Destination:
         """Where ``dl`` goes, or why it cannot go anywhere."""
         if self._to is not None:
             problem = queue_name_problem(self._to, dl.queue)
-            return Route(None, problem) if problem else Route(self._to)
+            return Destination(None, problem) if problem else Destination(self._to)
         route = origin(dl)
         if route.queue is None:
             return route
         exists = self._exists.get(route.queue)
         if exists is None:
             exists = self._exists[route.queue] = await self._queue_exists(route.queue)
-        return route if exists else Route(None, f"origin queue {route.queue!r} does not exist")
+        return (
+            route if exists else Destination(None, f"origin queue {route.queue!r} does not exist")
+        )
 
     async def _queue_exists(self, name: str) -> bool:
         try:

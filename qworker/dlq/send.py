@@ -43,7 +43,7 @@ _NO_CONFIRM = "no confirm within"
 Reopen = Callable[[], Awaitable[ConfirmedPublisher]]
 
 
-class Outcome(enum.Enum):
+class ReplayOutcome(enum.Enum):
     """What happened to one selected dead letter."""
 
     REPLAYED = "replayed"  #: confirmed in its target queue and removed from the DLQ
@@ -57,7 +57,7 @@ class Event:
     """One selected dead letter and its outcome; ``detail`` says why it was skipped or failed."""
 
     dead_letter: DeadLetter
-    outcome: Outcome
+    outcome: ReplayOutcome
     target: str | None
     detail: str | None = None
 
@@ -163,13 +163,13 @@ class Sender:
             self._slots.release()
             return None
         try:
-            message = build_message(dl)
+            message = replay_message(dl)
             problem = encoding_problem(message)
         except Exception as exc:  # a record no message can be built from
             message, problem = None, f"cannot build the copy: {_one_line(exc)}"
         if message is None or problem is not None:
             self._slots.release()
-            self.report(Event(dl, Outcome.SKIPPED, target, problem))
+            self.report(Event(dl, ReplayOutcome.SKIPPED, target, problem))
             return None
         task = asyncio.create_task(self._publish(dl, message, target, then))
         self._tasks.add(task)
@@ -188,7 +188,7 @@ class Sender:
             await publisher.publish(message, target)
         except Exception as exc:
             detail = _one_line(exc) if isinstance(exc, PublishFailed) else _describe(exc)
-            self.report(Event(dl, Outcome.FAILED, target, detail))
+            self.report(Event(dl, ReplayOutcome.FAILED, target, detail))
             await self._after_failure(publisher, detail)
             return
         finally:
@@ -201,7 +201,7 @@ class Sender:
                 f"replayed {dl.message_id!r} but could not remove it from the DLQ ({exc!r}); "
                 "it stays there as a duplicate"
             )
-        self.report(Event(dl, Outcome.REPLAYED, target))
+        self.report(Event(dl, ReplayOutcome.REPLAYED, target))
 
     async def _after_failure(self, publisher: ConfirmedPublisher, detail: str) -> None:
         """Go on after one message failed, on a fresh channel if the broker closed it."""
@@ -232,7 +232,7 @@ class Sender:
             await asyncio.gather(*list(self._tasks))
 
 
-def build_message(dl: DeadLetter, body: bytes | None = None) -> aio_pika.Message:
+def replay_message(dl: DeadLetter, body: bytes | None = None) -> aio_pika.Message:
     """The replayed copy of ``dl`` (see :func:`qworker.dlq.records.replay_properties`)."""
     content, properties = replay_properties(dl, body)
     message = aio_pika.Message(content, **properties)
@@ -259,7 +259,7 @@ def encoding_problem(message: aio_pika.Message) -> str | None:
 def unpublishable(dl: DeadLetter) -> str | None:
     """Why the copy of ``dl`` cannot be published, or None (see :func:`encoding_problem`)."""
     try:
-        return encoding_problem(build_message(dl))
+        return encoding_problem(replay_message(dl))
     except Exception as exc:
         return f"cannot build the copy: {_describe(exc)}"
 

@@ -127,7 +127,7 @@ async def test_replay_skips_the_message_that_cannot_be_published_and_replays_the
     events: list[dlq.Event] = []
     result = await dlq.replay(amqp, dlq_name, on_event=events.append)
     assert (result.replayed, result.failed, result.error) == (9, 1, None)
-    failed = [e for e in events if e.outcome is dlq.Outcome.FAILED]
+    failed = [e for e in events if e.outcome is dlq.ReplayOutcome.FAILED]
     assert [e.dead_letter.message_id for e in failed] == ["m006"]
     again = await dlq.replay(amqp, dlq_name)
     assert (again.replayed, again.failed) == (0, 1)

@@ -211,7 +211,7 @@ async def test_forged_origin_headers_cannot_redirect_a_replay(
     events: list[dlq.Event] = []
     result = await dlq.replay(amqp, f"{queue_name}.dlq", on_event=events.append)
     assert (result.replayed, result.skipped) == (1, len(forged))
-    assert all("not" in (e.detail or "") for e in events if e.outcome is dlq.Outcome.SKIPPED)
+    assert all("not" in (e.detail or "") for e in events if e.outcome is dlq.ReplayOutcome.SKIPPED)
     assert [t.message_id for t in await drain(amqp, queue_name)] == ["legit"]
     assert await depth(amqp, victim) == 0
     assert await depth(amqp, f"{queue_name}.dlq") == len(forged)

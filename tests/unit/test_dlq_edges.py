@@ -25,7 +25,7 @@ from qworker.dlq.probes import (
 )
 from qworker.dlq.records import DeadLetter, dead_letter
 from qworker.dlq.send import (
-    Outcome,
+    ReplayOutcome,
     ReplayResult,
     Sender,
     encoding_problem,
@@ -263,7 +263,9 @@ async def test_replay_failure_of_one_message_is_contained_to_it() -> None:
     assert result.error is None and not sender.stopped
     assert (result.replayed, result.failed) == (8, 2)
     assert sorted(acked) == sorted(f"m{i}" for i in range(10) if i not in (6, 8))
-    problems = {e.dead_letter.message_id: e.detail for e in events if e.outcome is Outcome.FAILED}
+    problems = {
+        e.dead_letter.message_id: e.detail for e in events if e.outcome is ReplayOutcome.FAILED
+    }
     assert set(problems) == {"m6", "m8"}
     assert "refused" in problems["m6"] and "OverflowError" in problems["m8"]
     assert all("\n" not in (d or "") for d in problems.values())
