@@ -165,6 +165,7 @@ async def test_broker_dead_letters_show_their_x_death_reason(
     channel = await amqp.channel()
     rejecting = await channel.declare_queue(
         f"{queue_name}.classic",
+        durable=True,  # RabbitMQ 4.3 refuses transient (non-durable) classic queues
         arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{queue_name}.dlq"},
     )
     await publish(amqp, rejecting.name, [Letter(b"{}", {}, "r1")])
