@@ -28,11 +28,12 @@ from qworker.backoff import Backoff
 from qworker.classify import Classification, Classifier, Decision, classify, decide
 from qworker.context import PublishFunc
 from qworker.delivery import Delivery
-from qworker.events import CircuitState, Observer, Outcome, OutcomeKind, severity_of
+from qworker.events import CircuitState, Observer, OutcomeKind
 from qworker.failures import ErrorInfo, error_type_name
 from qworker.gate import CircuitControl, Gate
 from qworker.handler import Handler
 from qworker.publish import ConfirmedPublisher
+from qworker.reporting import Reporter
 from qworker.runner import Runner
 from qworker.topology import declare, retry_queue
 from qworker.verdict import (
@@ -45,7 +46,6 @@ from qworker.verdict import (
     Run,
     Verdict,
     judge,
-    tier_label,
     wants_fallback,
 )
 
@@ -102,11 +102,11 @@ class Consumer:
         self._tiers = set(handler.retry.tiers())
         self._log = structlog.get_logger("qworker").bind(queue=handler.queue, handler=handler.name)
         self._runner = Runner(handler, self._decide, publish, self._log)
-        self._observers = tuple(policy.observers)
+        self._report = Reporter(handler, policy.observers, self._log)
         # Breaker state outlives channels and reconnects: a dependency is not fixed by a
         # new connection, and handlers of an old channel report to the same control.
         self._circuit = (
-            CircuitControl(handler.breaker, handler.fallback is not None, self._circuit_changed)
+            CircuitControl(handler.breaker, handler.fallback is not None, self._report.circuit)
             if handler.breaker is not None
             else None
         )
@@ -211,7 +211,8 @@ class Consumer:
                 return  # its channel closed while it waited: the broker has it back already
             if (pause := self._moves.remaining(time.monotonic())) > 0:
                 await asyncio.sleep(pause)
-            self._count_in_flight(+1)
+            self.in_flight += 1
+            self._report.in_flight(self.in_flight)
             try:
                 route, run = await self._serve(message)
                 verdict = judge(
@@ -232,7 +233,8 @@ class Consumer:
                 self._log.exception("message.internal_error", message_id=message.message_id)
                 await self.apply(message, gate, RETURNED_AFTER_INTERNAL_ERROR)
             finally:
-                self._count_in_flight(-1)
+                self.in_flight -= 1
+                self._report.in_flight(self.in_flight)
 
     async def _serve(self, message: Delivery) -> tuple[Route, Run | None]:
         """Decode, pass the gate, run the handler (and its fallback when it applies)."""
@@ -311,8 +313,8 @@ class Consumer:
                     self._log.debug(verdict.event, message_id=message.message_id)
                 else:
                     self._log.info(verdict.event, message_id=message.message_id)
-                if self._observers and run is not None:
-                    self._emit_success(message, run)
+                if run is not None:
+                    self._report.succeeded(message, run)
         elif isinstance(verdict, Return):
             if await self._settle(message, "reject" if verdict.counted else "nack"):
                 self._log.debug(verdict.event, message_id=message.message_id)
@@ -357,23 +359,7 @@ class Consumer:
             log.warning("message.retry_scheduled", delay=move.wait_seconds, tier=move.target)
         else:
             log.error("message.dead_lettered", reason=reason, dlq=move.target)
-        if self._observers:
-            self._emit(
-                Outcome(
-                    move.kind,
-                    self.handler.queue,
-                    self.handler.name,
-                    message.message_id,
-                    run.attempt,
-                    run.duration,
-                    severity=severity_of(move.kind, reason, self.handler.severity),
-                    error_type=move.error.error_type,
-                    error_message=move.error.message,
-                    classification=move.decision.classification.value,
-                    reason=reason,
-                    tier=tier_label(move),
-                )
-            )
+        self._report.moved(message, run, move)
 
     async def _declare_tier(self, gate: Gate, tier_ms: int) -> None:
         """Declare a tier outside the policy (from ``Retry(delay=...)``) before the first use."""
@@ -414,44 +400,6 @@ class Consumer:
             circuit.record(False, probe=probe)
         elif probe:
             circuit.probe_settled()
-
-    def _circuit_changed(self, state: CircuitState) -> None:
-        self._log.warning(f"circuit.{state.value}", state=state.value)
-        for observer in self._observers:
-            try:
-                observer.circuit(self.handler.queue, self.handler.name, state)
-            except Exception:
-                self._log.exception("observer.failed", observer=type(observer).__name__)
-
-    # Observers
-
-    def _count_in_flight(self, delta: int) -> None:
-        self.in_flight += delta
-        for observer in self._observers:
-            try:
-                observer.in_flight(self.handler.queue, self.in_flight)
-            except Exception:
-                self._log.exception("observer.failed", observer=type(observer).__name__)
-
-    def _emit(self, outcome: Outcome) -> None:
-        for observer in self._observers:
-            try:
-                observer.outcome(outcome)
-            except Exception:
-                self._log.exception("observer.failed", observer=type(observer).__name__)
-
-    def _emit_success(self, message: Delivery, run: Run) -> None:
-        handler = self.handler
-        self._emit(
-            Outcome(
-                OutcomeKind.SUCCEEDED,
-                handler.queue,
-                handler.name,
-                message.message_id,
-                run.attempt,
-                run.duration,
-            )
-        )
 
     # Stopping
 
