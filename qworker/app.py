@@ -18,6 +18,7 @@ from qworker.connection import close_quietly, connect_once, normalise_urls
 from qworker.errors import ConfigurationError
 from qworker.events import Observer
 from qworker.handler import DEFAULT_TIMEOUT, Handler, HandlerFunc, build_handler
+from qworker.handler import options as handler_options
 from qworker.hooks import Hook, HookRunner
 from qworker.publish import DEFAULT_CONFIRM_TIMEOUT, ConfirmedPublisher, build_message
 from qworker.redact import mask_url
@@ -119,24 +120,17 @@ class App:
             breaker: A :class:`CircuitBreaker`: stop consuming while a dependency fails.
         """
 
+        # Every keyword is a field of HandlerOptions, passed on by name: the list lives there
+        # (tests/unit/test_handler.py keeps this signature equal to it).
+        given = {name: value for name, value in locals().items() if name not in ("self", "queue")}
+        chosen = handler_options(**given)
+
         def register(func: HandlerFunc) -> HandlerFunc:
             if queue in self.handlers:
                 raise ConfigurationError(
                     f"queue {queue!r} already has a handler: {self.handlers[queue].name}"
                 )
-            self.handlers[queue] = build_handler(
-                func,
-                queue,
-                retry=retry,
-                transient=transient,
-                permanent=permanent,
-                timeout=timeout,
-                queue_type=queue_type,
-                delivery_limit=delivery_limit,
-                severity=severity,
-                fallback=fallback,
-                breaker=breaker,
-            )
+            self.handlers[queue] = build_handler(func, queue, chosen)
             return func
 
         return register
@@ -202,7 +196,10 @@ class App:
         specs: list[QueueSpec] = []
         for handler in self.select(queues):
             specs += queue_specs(
-                handler.queue, handler.queue_type, handler.delivery_limit, handler.retry.tiers()
+                handler.queue,
+                handler.options.queue_type,
+                handler.options.delivery_limit,
+                handler.options.retry.tiers(),
             )
         return specs
 

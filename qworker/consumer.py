@@ -99,15 +99,17 @@ class Consumer:
         self._policy = policy
         self._prefetch = prefetch
         self._slots = asyncio.Semaphore(concurrency)
-        self._tiers = set(handler.retry.tiers())
+        self._tiers = set(handler.options.retry.tiers())
         self._log = structlog.get_logger("qworker").bind(queue=handler.queue, handler=handler.name)
         self._runner = Runner(handler, self._decide, publish, self._log)
         self._report = Reporter(handler, policy.observers, self._log)
         # Breaker state outlives channels and reconnects: a dependency is not fixed by a
         # new connection, and handlers of an old channel report to the same control.
         self._circuit = (
-            CircuitControl(handler.breaker, handler.fallback is not None, self._report.circuit)
-            if handler.breaker is not None
+            CircuitControl(
+                handler.options.breaker, handler.options.fallback is not None, self._report.circuit
+            )
+            if handler.options.breaker is not None
             else None
         )
         self._moves = Backoff(first=0.5, ceiling=30.0)
@@ -262,7 +264,7 @@ class Consumer:
 
     async def _fallback(self, payload: object, message: Delivery, run: Run) -> Run:
         """Serve with the fallback; a failure of a breaker-sent one fails like the handler."""
-        fallback = self.handler.fallback
+        fallback = self.handler.options.fallback
         assert fallback is not None
         try:
             await self._runner.call(fallback, payload, message, run.attempt)
@@ -285,12 +287,12 @@ class Consumer:
         handler = self.handler
         classification = classify(
             exc,
-            permanent=handler.permanent,
-            transient=handler.transient,
+            permanent=handler.options.permanent,
+            transient=handler.options.transient,
             classifier=self._policy.classifier,
             default=self._policy.default,
         )
-        return decide(exc, classification, attempt, handler.retry.max_attempts)
+        return decide(exc, classification, attempt, handler.options.retry.max_attempts)
 
     def _origin(self, message: Delivery) -> h.Origin:
         return h.Origin(
@@ -366,7 +368,7 @@ class Consumer:
         connection = self._connection
         if connection is None:
             raise ConnectionError("no connection to declare the retry tier on")
-        spec = retry_queue(self.handler.queue, tier_ms, self.handler.queue_type)
+        spec = retry_queue(self.handler.queue, tier_ms, self.handler.options.queue_type)
         await declare(connection, [spec])
         self._tiers.add(tier_ms)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pydantic
@@ -20,7 +20,7 @@ from qworker.context import Context
 from qworker.errors import ConfigurationError, DecodeError
 from qworker.events import DEFAULT_SEVERITY, Severity
 from qworker.retry import RetryPolicy
-from qworker.topology import QueueType, validate_queue_name
+from qworker.topology import DEFAULT_DELIVERY_LIMIT, QueueType, validate_queue_name
 
 HandlerFunc = Callable[..., Awaitable[Any]]
 Decoder = Callable[[bytes, str | None, str | None], Any]
@@ -92,6 +92,28 @@ def make_decoder(annotation: Any) -> Decoder:
 
 
 @dataclass(frozen=True, slots=True)
+class HandlerOptions:
+    """Every option of :meth:`qworker.App.handler`, validated and normalised.
+
+    The one list of handler options: ``App.handler`` documents each of them and passes
+    them on by name (a unit test keeps its keyword parameters equal to these fields), and
+    :func:`options` validates each with the check of the same name.
+    """
+
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    transient: ExceptionTypes = ()
+    permanent: ExceptionTypes = ()
+    timeout: float | None = DEFAULT_TIMEOUT
+    queue_type: QueueType = "quorum"
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    severity: Mapping[str, Severity] | None = None
+    """Overrides of :data:`qworker.events.DEFAULT_SEVERITY` by reason (or ``"retry"``)."""
+    fallback: HandlerFunc | None = None
+    """Called like the handler when retries are exhausted or the breaker is open."""
+    breaker: CircuitBreaker | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Handler:
     """A registered handler and everything needed to run it."""
 
@@ -100,81 +122,88 @@ class Handler:
     name: str
     decode: Decoder
     wants_context: bool
-    retry: RetryPolicy
-    transient: ExceptionTypes
-    permanent: ExceptionTypes
-    timeout: float | None
-    queue_type: QueueType
-    delivery_limit: int
-    severity: Mapping[str, Severity] | None = None
-    """Overrides of :data:`qworker.events.DEFAULT_SEVERITY` by reason (or ``"retry"``)."""
-    fallback: HandlerFunc | None = None
-    """Called like the handler when retries are exhausted or the breaker is open."""
-    breaker: CircuitBreaker | None = None
+    options: HandlerOptions
 
 
-def _exception_types(value: Any, option: str) -> ExceptionTypes:
-    types = value if isinstance(value, tuple | list) else (value,)
-    for t in types:
-        if not (isinstance(t, type) and issubclass(t, BaseException)):
-            raise ConfigurationError(f"{option}= takes exception classes, got {t!r}")
-    return tuple(types)
+def _exception_types(option: str) -> Callable[[Any], ExceptionTypes]:
+    def check(value: Any) -> ExceptionTypes:
+        types = value if isinstance(value, tuple | list) else (value,)
+        for t in types:
+            if not (isinstance(t, type) and issubclass(t, BaseException)):
+                raise ConfigurationError(f"{option}= takes exception classes, got {t!r}")
+        return tuple(types)
+
+    return check
 
 
-def build_handler(
-    func: HandlerFunc,
-    queue: str,
-    *,
-    retry: RetryPolicy | None,
-    transient: Any,
-    permanent: Any,
-    timeout: float | None,
-    queue_type: str,
-    delivery_limit: int,
-    severity: Mapping[str, str] | None = None,
-    fallback: HandlerFunc | None = None,
-    breaker: CircuitBreaker | None = None,
-) -> Handler:
-    """Validate the decorator's arguments and the function's signature."""
+def _retry(value: Any) -> RetryPolicy:
+    if value is None:
+        return RetryPolicy()
+    if not isinstance(value, RetryPolicy):
+        raise ConfigurationError("retry= takes a RetryPolicy")
+    return value
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not (isinstance(value, int | float) and value > 0):
+        raise ConfigurationError(f"timeout must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _queue_type(value: Any) -> QueueType:
+    if value not in ("quorum", "classic"):
+        raise ConfigurationError(f"queue_type must be 'quorum' or 'classic', got {value!r}")
+    return typing.cast(QueueType, value)
+
+
+def _delivery_limit(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"delivery_limit must be a positive int, got {value!r}")
+    return value
+
+
+def _fallback_function(value: Any) -> HandlerFunc | None:
+    if value is not None and not inspect.iscoroutinefunction(value):
+        raise ConfigurationError(f"fallback= takes an async def function, got {value!r}")
+    return typing.cast("HandlerFunc | None", value)
+
+
+def options(**given: Any) -> HandlerOptions:
+    """Validate handler options given by name (those not given keep their defaults).
+
+    Raises:
+        ConfigurationError: an unknown option, or a value the option cannot take.
+    """
+    unknown = set(given) - set(_CHECKS)
+    if unknown:
+        raise ConfigurationError(f"unknown handler option(s): {', '.join(sorted(unknown))}")
+    return HandlerOptions(**{name: _CHECKS[name](value) for name, value in given.items()})
+
+
+def build_handler(func: HandlerFunc, queue: str, chosen: HandlerOptions) -> Handler:
+    """Check the function's signature (and its fallback's) and make the handler of ``queue``."""
     validate_queue_name(queue)
     qualname = getattr(func, "__qualname__", None) or repr(func)
     if not inspect.iscoroutinefunction(func):
         raise ConfigurationError(f"handler {qualname} must be an async def function")
-    if retry is not None and not isinstance(retry, RetryPolicy):
-        raise ConfigurationError("retry= takes a RetryPolicy")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not (isinstance(timeout, int | float) and timeout > 0)
-    ):
-        raise ConfigurationError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if queue_type not in ("quorum", "classic"):
-        raise ConfigurationError(f"queue_type must be 'quorum' or 'classic', got {queue_type!r}")
-    if (
-        isinstance(delivery_limit, bool)
-        or not isinstance(delivery_limit, int)
-        or delivery_limit < 1
-    ):
-        raise ConfigurationError(f"delivery_limit must be a positive int, got {delivery_limit!r}")
-
     annotation, wants_context = _call_shape(func, f"handler {qualname}")
+    if chosen.fallback is not None:
+        what = f"fallback of {qualname}"
+        if _call_shape(chosen.fallback, what)[1] != wants_context:
+            raise ConfigurationError(f"{what} must take the same parameters as the handler")
     return Handler(
         queue=queue,
         func=func,
         name=f"{func.__module__}:{func.__qualname__}",
         decode=make_decoder(annotation),
         wants_context=wants_context,
-        retry=retry or RetryPolicy(),
-        transient=_exception_types(transient, "transient"),
-        permanent=_exception_types(permanent, "permanent"),
-        timeout=float(timeout) if timeout is not None else None,
-        queue_type=typing.cast(QueueType, queue_type),
-        delivery_limit=delivery_limit,
-        severity=_severities(severity),
-        fallback=_fallback(fallback, wants_context, qualname),
-        breaker=_breaker(breaker),
+        options=chosen,
     )
 
 
-def _severities(value: Mapping[str, str] | None) -> Mapping[str, Severity] | None:
+def _severities(value: Any) -> Mapping[str, Severity] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -189,17 +218,6 @@ def _severities(value: Mapping[str, str] | None) -> Mapping[str, Severity] | Non
             f"severity= keys must be among {', '.join(DEFAULT_SEVERITY)}; got {', '.join(unknown)}"
         )
     return overrides
-
-
-def _fallback(func: HandlerFunc | None, wants_context: bool, qualname: str) -> HandlerFunc | None:
-    if func is None:
-        return None
-    what = f"fallback of {qualname}"
-    if not inspect.iscoroutinefunction(func):
-        raise ConfigurationError(f"{what} must be an async def function")
-    if _call_shape(func, what)[1] != wants_context:
-        raise ConfigurationError(f"{what} must take the same parameters as the handler")
-    return func
 
 
 def _call_shape(func: HandlerFunc, what: str) -> tuple[Any, bool]:
@@ -232,7 +250,22 @@ def _call_shape(func: HandlerFunc, what: str) -> tuple[Any, bool]:
     return hints[payload[0].name], bool(context)
 
 
-def _breaker(value: CircuitBreaker | None) -> CircuitBreaker | None:
+def _breaker(value: Any) -> CircuitBreaker | None:
     if value is not None and not isinstance(value, CircuitBreaker):
         raise ConfigurationError("breaker= takes a CircuitBreaker")
     return value
+
+
+#: The check of each option, by name: the same names as :class:`HandlerOptions`' fields.
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "retry": _retry,
+    "transient": _exception_types("transient"),
+    "permanent": _exception_types("permanent"),
+    "timeout": _timeout,
+    "queue_type": _queue_type,
+    "delivery_limit": _delivery_limit,
+    "severity": _severities,
+    "fallback": _fallback_function,
+    "breaker": _breaker,
+}
+assert list(_CHECKS) == [f.name for f in fields(HandlerOptions)], "one check per option"

@@ -65,7 +65,7 @@ class Reporter:
                 message.message_id,
                 run.attempt,
                 run.duration,
-                severity=severity_of(move.kind, reason, handler.severity),
+                severity=severity_of(move.kind, reason, handler.options.severity),
                 error_type=move.error.error_type,
                 error_message=move.error.message,
                 classification=move.decision.classification.value,

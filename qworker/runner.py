@@ -48,7 +48,7 @@ class Runner:
         A failed run carries the decision of its last failure. Cancellation (the
         worker's grace period ran out) is never retried: it propagates at once.
         """
-        retry = self._handler.retry
+        retry = self._handler.options.retry
         allowed = max(1, min(retry.executions_per_delivery, retry.max_attempts - failed_before))
         started = time.perf_counter()
         attempt = failed_before + 1
@@ -78,15 +78,17 @@ class Runner:
         args: tuple[Any, ...] = (payload,)
         if handler.wants_context:
             args = (payload, self.context(message, attempt))
-        if handler.timeout is None:
+        if handler.options.timeout is None:
             await func(*args)
             return
         try:
-            async with asyncio.timeout(handler.timeout) as deadline:
+            async with asyncio.timeout(handler.options.timeout) as deadline:
                 await func(*args)
         except TimeoutError:
             if deadline.expired():
-                raise HandlerTimeout(f"handler exceeded its {handler.timeout:g}s timeout") from None
+                raise HandlerTimeout(
+                    f"handler exceeded its {handler.options.timeout:g}s timeout"
+                ) from None
             raise
 
     def context(self, message: Delivery, attempt: int) -> Context:

@@ -119,7 +119,7 @@ def wants_fallback(run: Run, handler: Handler) -> bool:
     """The handler has a fallback and ``run`` ended in a dead letter it may spare."""
     decision = run.decision
     return (
-        handler.fallback is not None
+        handler.options.fallback is not None
         and run.fallback is Fallback.NOT_RUN
         and decision is not None
         and decision.reason in FALLBACK_REASONS
@@ -176,7 +176,7 @@ def judge(
     )
     if decision.action is Action.RETRY:
         plan = plan_retry(
-            handler.retry,
+            handler.options.retry,
             run.attempt,
             requested_delay=decision.requested_delay,
             random_fraction=random_fraction,

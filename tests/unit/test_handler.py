@@ -13,7 +13,7 @@ import pytest
 
 from qworker.context import Context
 from qworker.errors import ConfigurationError, DecodeError
-from qworker.handler import Handler, build_handler, make_decoder
+from qworker.handler import Handler, build_handler, make_decoder, options
 from qworker.retry import MAX_TIER_MS, RetryPolicy
 from qworker.topology import dlq_name, retry_queue_name
 
@@ -219,7 +219,7 @@ OPTIONS: dict[str, Any] = {
 
 
 def _build(func: Any, queue: str = "orders.placed", **overrides: Any) -> Handler:
-    return build_handler(func, queue, **{**OPTIONS, **overrides})
+    return build_handler(func, queue, options(**{**OPTIONS, **overrides}))
 
 
 async def charge(order: OrderPlaced, ctx: Context) -> None:
@@ -300,13 +300,13 @@ def test_build_handler_detects_context_by_annotation(
 def test_build_handler_fills_defaults() -> None:
     """Without options the handler gets the default policy, quorum queue and limit 10."""
     handler = _build(charge, transient=KeyError, permanent=[ValueError, TypeError], timeout=2)
-    assert handler.retry == RetryPolicy()
-    assert handler.transient == (KeyError,)
-    assert handler.permanent == (ValueError, TypeError)
-    assert handler.timeout == 2.0
-    assert isinstance(handler.timeout, float)
-    assert handler.queue_type == "quorum"
-    assert handler.delivery_limit == 10
+    assert handler.options.retry == RetryPolicy()
+    assert handler.options.transient == (KeyError,)
+    assert handler.options.permanent == (ValueError, TypeError)
+    assert handler.options.timeout == 2.0
+    assert isinstance(handler.options.timeout, float)
+    assert handler.options.queue_type == "quorum"
+    assert handler.options.delivery_limit == 10
     assert handler.queue == "orders.placed"
 
 
@@ -442,3 +442,31 @@ def _accepts(queue: str) -> bool:
     except ConfigurationError:
         return False
     return True
+
+
+def test_app_handler_takes_exactly_the_handler_options_in_their_order() -> None:
+    """One list of handler options: App.handler's keyword parameters are HandlerOptions' fields
+    (App.handler passes them on by name), and each is documented in its Args block."""
+    import dataclasses
+    import inspect
+
+    from qworker import App
+    from qworker.handler import HandlerOptions
+
+    fields = [f.name for f in dataclasses.fields(HandlerOptions)]
+    keywords = [
+        p.name
+        for p in inspect.signature(App.handler).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    assert keywords == fields
+    defaults = {f.name: f.default for f in dataclasses.fields(HandlerOptions)}
+    for p in inspect.signature(App.handler).parameters.values():
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not None:
+            assert p.default == defaults[p.name], p.name
+
+
+def test_an_unknown_handler_option_is_a_configuration_error() -> None:
+    """options() names what it does not know instead of ignoring it."""
+    with pytest.raises(ConfigurationError, match=r"unknown handler option.*retries"):
+        options(retries=3)

@@ -15,7 +15,7 @@ from qworker.breaker import CircuitBreaker
 from qworker.classify import Classification, Decision, classify, decide
 from qworker.errors import DecodeError, HandlerTimeout, Permanent, Retry, Transient
 from qworker.events import OutcomeKind
-from qworker.handler import Handler, build_handler
+from qworker.handler import Handler, build_handler, options
 from qworker.publish import _header_frame_size
 from qworker.retry import RetryPolicy
 from qworker.verdict import (
@@ -43,25 +43,20 @@ async def _fallback(payload: dict[str, Any]) -> None:
 
 
 def _handler(*, fallback: bool = False, max_attempts: int = 3, jitter: float = 0.0) -> Handler:
-    return build_handler(
-        _handle,
-        QUEUE,
+    chosen = options(
         retry=RetryPolicy(max_attempts=max_attempts, initial_delay=2.0, jitter=jitter),
-        transient=(),
-        permanent=(),
         timeout=30.0,
-        queue_type="quorum",
-        delivery_limit=10,
         fallback=_fallback if fallback else None,
         breaker=CircuitBreaker(),
     )
+    return build_handler(_handle, QUEUE, chosen)
 
 
 def _run(exc: Exception | None, attempt: int, handler: Handler, **kw: Any) -> Run:
     decision: Decision | None = None
     if exc is not None:
         classification = classify(exc, default=Classification.TRANSIENT)
-        decision = decide(exc, classification, attempt, handler.retry.max_attempts)
+        decision = decide(exc, classification, attempt, handler.options.retry.max_attempts)
     return Run(attempt, exc, 0.01, decision, **kw)
 
 
