@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from aio_pika.abc import AbstractConnection
+from typing_extensions import Unpack
 
 from qworker.alerts import AlertRule, Notify
 from qworker.breaker import CircuitBreaker
@@ -20,7 +21,12 @@ from qworker.events import Observer
 from qworker.handler import DEFAULT_TIMEOUT, Handler, HandlerFunc, build_handler
 from qworker.handler import options as handler_options
 from qworker.hooks import Hook, HookRunner
-from qworker.publish import DEFAULT_CONFIRM_TIMEOUT, ConfirmedPublisher, build_message
+from qworker.publish import (
+    DEFAULT_CONFIRM_TIMEOUT,
+    ConfirmedPublisher,
+    PublishOptions,
+    build_message,
+)
 from qworker.redact import mask_url
 from qworker.retry import RetryPolicy
 from qworker.topology import DEFAULT_DELIVERY_LIMIT, QueueSpec, declare, queue_specs
@@ -219,20 +225,27 @@ class App:
         await declare(await self._ensure_connection(), self.topology(queues))
 
     async def publish(
-        self,
-        queue_or_routing_key: str,
-        payload: Any,
-        *,
-        exchange: str = "",
-        headers: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
+        self, queue_or_routing_key: str, payload: Any, **options: Unpack[PublishOptions]
     ) -> None:
-        """Publish ``payload`` and wait for the broker's confirm (raises ``PublishFailed``)."""
+        """Publish ``payload`` and wait for the broker's confirm (raises ``PublishFailed``).
+
+        Models and dicts are sent as JSON, str as UTF-8 text, bytes as they are; the
+        message is persistent, with a message id and a timestamp.
+
+        Args:
+            queue_or_routing_key: The queue (default exchange), or the routing key.
+            payload: What to send.
+            options: ``exchange``, ``headers``, ``message_id``, ``correlation_id``: see
+                :class:`~qworker.publish.PublishOptions`.
+        """
         message = build_message(
-            payload, headers=headers, message_id=message_id, correlation_id=correlation_id
+            payload,
+            headers=options.get("headers"),
+            message_id=options.get("message_id"),
+            correlation_id=options.get("correlation_id"),
         )
         publisher = await self._ensure_publisher()
+        exchange = options.get("exchange", "")
         await publisher.publish(message, queue_or_routing_key, exchange=exchange)
 
     async def _ensure_connection(self) -> AbstractConnection:

@@ -6,6 +6,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import structlog
+from typing_extensions import Unpack
+
+from qworker.publish import PublishOptions
 
 PublishFunc = Callable[..., Awaitable[None]]
 
@@ -61,21 +64,17 @@ class Context:
         return self._log
 
     async def publish(
-        self,
-        queue_or_routing_key: str,
-        payload: Any,
-        *,
-        exchange: str = "",
-        headers: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
+        self, queue_or_routing_key: str, payload: Any, **options: Unpack[PublishOptions]
     ) -> None:
-        """Publish with confirms, carrying this delivery's correlation id (or message id)."""
-        await self._publish(
-            queue_or_routing_key,
-            payload,
-            exchange=exchange,
-            headers=headers,
-            message_id=message_id,
-            correlation_id=correlation_id or self.correlation_id or self.message_id,
-        )
+        """:meth:`qworker.App.publish`, carrying this delivery's correlation id (or, without
+        one, its message id) unless ``correlation_id`` is given.
+
+        Args:
+            queue_or_routing_key: The queue (default exchange), or the routing key.
+            payload: What to send.
+            options: ``exchange``, ``headers``, ``message_id``, ``correlation_id``: see
+                :class:`~qworker.publish.PublishOptions`.
+        """
+        if not options.get("correlation_id"):
+            options["correlation_id"] = self.correlation_id or self.message_id
+        await self._publish(queue_or_routing_key, payload, **options)

@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 import aio_pika
 import aiormq
@@ -166,6 +166,24 @@ def encode_payload(payload: Any) -> tuple[bytes, str | None]:
     if isinstance(payload, pydantic.BaseModel):
         return payload.model_dump_json().encode("utf-8"), JSON
     return json.dumps(payload, separators=(",", ":")).encode("utf-8"), JSON
+
+
+class PublishOptions(TypedDict, total=False):
+    """The keyword options of :meth:`qworker.App.publish` and :meth:`qworker.Context.publish`.
+
+    Args:
+        exchange: The exchange to publish to; the default exchange (``""``) routes by queue
+            name, so the first argument is then the queue.
+        headers: Message headers (any AMQP field values; see :mod:`qworker.wire`).
+        message_id: The message id (default: a new uuid4).
+        correlation_id: The correlation id (``ctx.publish`` defaults it to the delivery's
+            correlation id, else its message id).
+    """
+
+    exchange: str
+    headers: Mapping[str, Any] | None
+    message_id: str | None
+    correlation_id: str | None
 
 
 def build_message(
