@@ -59,6 +59,10 @@ class Worker:
         #: Connections established so far (1 after start; more after reconnects).
         self.connections = 0
         self._stop = asyncio.Event()
+        # Before any logger is bound (the consumers bind theirs now): a logger bound earlier
+        # keeps structlog's default configuration, which prints every debug event.
+        if not structlog.is_configured():
+            configure_logging()
         self._log = structlog.get_logger("qworker")
         policy = Policy(
             app.classifier, app.default, app.worker_id, app.observers, app.confirm_timeout
@@ -112,8 +116,6 @@ class Worker:
         is followed by a back-off pause (0.5 s doubling to 30 s, jittered), so that a
         broker that accepts connections and then drops them is not stormed.
         """
-        if not structlog.is_configured():
-            configure_logging()
         self._log.info(
             "worker.starting",
             urls=[mask_url(u) for u in self.app.urls],

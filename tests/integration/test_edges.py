@@ -222,3 +222,43 @@ async def test_publishing_a_nan_header_fails_one_publish_and_keeps_the_connectio
         await asyncio.sleep(0.5)
         assert worker.connections == 1 and worker.health()["ready"]
     assert outcome and "non-finite" in outcome[0]
+
+
+def test_a_worker_started_in_code_logs_with_qworkers_configuration_not_structlogs_default(
+    broker_url: str, queue_name: str, cleanup: list[str]
+) -> None:
+    """Consumers bind their loggers when the worker is built; logging must be configured by
+    then, or every success prints a debug line in structlog's default format (it cost about a
+    third of the success path's CPU before this was fixed)."""
+    from tests.support.cli import run_python
+
+    names = App(broker_url)
+    names.handler(queue_name)(_any_payload)
+    cleanup.extend(s.name for s in names.topology())
+    code = f"""
+import asyncio
+from qworker import App
+from qworker.testing import running
+
+app = App({broker_url!r})
+done = asyncio.Event()
+
+@app.handler({queue_name!r})
+async def handle(payload: dict) -> None:
+    done.set()
+
+async def main() -> None:
+    async with running(app):
+        await app.publish({queue_name!r}, {{"k": "v"}}, message_id="m-quiet")
+        await asyncio.wait_for(done.wait(), 10)
+
+asyncio.run(main())
+"""
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "worker.consuming" in done.stdout  # qworker's own logging ran
+    assert "message.succeeded" not in done.stdout + done.stderr
+
+
+async def _any_payload(payload: dict[str, str]) -> None:
+    """A handler for naming the topology."""
