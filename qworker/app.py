@@ -18,7 +18,13 @@ from qworker.classify import Classification, Classifier
 from qworker.connection import close_quietly, connect_once, normalise_urls
 from qworker.errors import ConfigurationError
 from qworker.events import Observer
-from qworker.handler import DEFAULT_TIMEOUT, Handler, HandlerFunc, build_handler
+from qworker.handler import (
+    DEFAULT_MAX_DELIVERIES,
+    DEFAULT_TIMEOUT,
+    Handler,
+    HandlerFunc,
+    build_handler,
+)
 from qworker.handler import options as handler_options
 from qworker.hooks import Hook, HookRunner
 from qworker.publish import (
@@ -49,6 +55,10 @@ class App:
         declare: Declare the topology when a worker connects (needs ``configure``
             permission). With False the worker only checks that every queue exists
             and refuses to start otherwise (``qworker run --no-declare``).
+        environment: Where the app runs (``production``, ``staging``): the ``environment``
+            field of every log event. Default: ``QWORKER_ENV``, else none.
+        runbooks: Runbook links by error code (``{"CUSTOMER_UNKNOWN": "https://..."}``),
+            for failures whose handler has no ``runbook=`` of its own.
     """
 
     def __init__(
@@ -61,6 +71,8 @@ class App:
         ssl_ca: str | None = None,
         confirm_timeout: float = DEFAULT_CONFIRM_TIMEOUT,
         declare: bool = True,
+        environment: str | None = None,
+        runbooks: Mapping[str, str] | None = None,
     ) -> None:
         self.urls = normalise_urls(url)
         self.name = name
@@ -74,6 +86,13 @@ class App:
         self.confirm_timeout = confirm_timeout
         #: Whether workers declare the topology (False: they only check it exists).
         self.declares = declare
+        self.environment = environment or os.environ.get("QWORKER_ENV") or None
+        if runbooks is not None and not (
+            isinstance(runbooks, Mapping)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in runbooks.items())
+        ):
+            raise ConfigurationError("runbooks= takes a mapping of error code -> URL")
+        self.runbooks: dict[str, str] = dict(runbooks or {})
         self.handlers: dict[str, Handler] = {}
         self.observers: list[Observer] = []
         self._hooks: HookRunner | None = None
@@ -86,6 +105,12 @@ class App:
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, urls={[mask_url(u) for u in self.urls]})"
+
+    def runbook_for(self, handler: Handler, error_code: str | None) -> str | None:
+        """The runbook of a failure: the handler's ``runbook=``, else ``runbooks[error_code]``."""
+        if handler.options.runbook is not None:
+            return handler.options.runbook
+        return self.runbooks.get(error_code) if error_code is not None else None
 
     def handler(
         self,
@@ -100,6 +125,8 @@ class App:
         severity: Mapping[str, Literal["critical", "high", "medium", "low"]] | None = None,
         fallback: HandlerFunc | None = None,
         breaker: CircuitBreaker | None = None,
+        max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        runbook: str | None = None,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register the decorated coroutine as the handler of ``queue``.
 
@@ -124,6 +151,14 @@ class App:
             fallback: Awaited like the handler when its retries are exhausted (or it timed
                 out on the last attempt) or its ``breaker`` is open, before dead-lettering.
             breaker: A :class:`CircuitBreaker`: stop consuming while a dependency fails.
+            max_deliveries: A message delivered this many times without an outcome (the
+                worker running it died: a crash, an OOM kill) is dead-lettered by qworker
+                before the handler runs again, reason ``poison``, severity critical
+                (quorum queues: they count deliveries). Keep it below ``delivery_limit``,
+                the broker's own limit, which otherwise dead-letters it first, without
+                qworker's context.
+            runbook: A link for people, put into dead-letter log events, alerts and the DLQ
+                tool's ``stats`` and ``show`` for this handler's failures.
         """
 
         # Every keyword is a field of HandlerOptions, passed on by name: the list lives there

@@ -16,26 +16,57 @@ class ConfigurationError(QworkerError):
     """A handler, policy or app option is invalid; raised when it is declared."""
 
 
-class Transient(QworkerError):
+class _Coded(QworkerError):
+    """A failure a handler raises on purpose, optionally with an error code.
+
+    Args:
+        message: What went wrong, for people (redacted before it leaves the process).
+        code: A stable, machine-readable name of the failure (``"CUSTOMER_UNKNOWN"``):
+            written to ``x-qworker-error-code``, filterable (``--error-code``), and the key
+            of ``App(runbooks={code: url})``. Any exception with a string ``code``
+            attribute gets the same treatment.
+    """
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Transient(_Coded):
     """The failure may go away: retry the message after a delay."""
 
 
-class Permanent(QworkerError):
+class Permanent(_Coded):
     """Retrying cannot help: dead-letter the message now."""
 
 
 class Retry(Transient):
-    """Retry after at least ``delay`` seconds (e.g. to honour an HTTP Retry-After)."""
+    """Retry after at least ``delay`` seconds (e.g. to honour an HTTP Retry-After).
 
-    def __init__(self, delay: float, message: str = "") -> None:
+    Args:
+        delay: Seconds to wait at least (>= 0).
+        message: What went wrong (default: says which delay was asked for).
+        code: A stable name of the failure, as for :class:`Transient`.
+    """
+
+    def __init__(self, delay: float, message: str = "", *, code: str | None = None) -> None:
         if not delay >= 0:  # also rejects NaN
             raise ConfigurationError(f"Retry delay must be >= 0 seconds, got {delay!r}")
-        super().__init__(message or f"retry requested after {delay:g}s")
+        super().__init__(message or f"retry requested after {delay:g}s", code=code)
         self.delay = float(delay)
 
 
 class DecodeError(QworkerError):
     """The message body cannot be turned into the handler's payload type."""
+
+
+class PoisonMessage(QworkerError):
+    """A delivery kept coming back without an outcome: the worker running it died (crash,
+    OOM kill, ``kill -9``) or was stopped before it could finish, again and again.
+
+    Never raised into handler code: the consumer dead-letters such a delivery before
+    running its handler again (reason ``poison``, severity critical).
+    """
 
 
 class HandlerTimeout(TimeoutError, QworkerError):

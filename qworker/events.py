@@ -93,6 +93,13 @@ class Outcome:
     """Dead letters only: why (``permanent_error``, ``retries_exhausted``, ...)."""
     tier: str | None = None
     """Retries only: the tier the message waits in, e.g. ``2s``."""
+    fingerprint: str | None = None
+    """The failure kind (``x-qworker-fingerprint``, see :mod:`qworker.fingerprint`)."""
+    error_code: str | None = None
+    """The exception's error code (``Permanent(..., code=...)``), if it has one."""
+    runbook: str | None = None
+    """The runbook link for this failure: the handler's ``runbook=``, else the app's
+    ``runbooks[error_code]``."""
 
 
 class Observer:

@@ -10,12 +10,14 @@ a message without bound.
 from __future__ import annotations
 
 import linecache
+import re
 import traceback
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+from qworker import fingerprint as fingerprints
 from qworker.redact import redact
 
 MESSAGE_LIMIT = 2 * 1024
@@ -122,16 +124,41 @@ class ErrorInfo:
     error_type: str
     message: str
     traceback: str
+    code: str | None = None
+    """The exception's string ``code`` attribute (``Permanent(..., code=...)``), sanitised."""
+    fingerprint: str = ""
+    """The failure kind (:mod:`qworker.fingerprint`); empty when not computed."""
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
-        """Capture ``exc`` with its chained causes."""
-        formatted = format_traceback(exc)
+        """Capture ``exc`` with its chained causes, its error code and its fingerprint."""
+        error_type = error_type_name(exc)
+        message = truncate(redact(_message(exc)), MESSAGE_LIMIT)
+        tb = truncate(redact(format_traceback(exc)), TRACEBACK_LIMIT, keep_tail=True)
         return cls(
-            error_type=error_type_name(exc),
-            message=truncate(redact(_message(exc)), MESSAGE_LIMIT),
-            traceback=truncate(redact(formatted), TRACEBACK_LIMIT, keep_tail=True),
+            error_type=error_type,
+            message=message,
+            traceback=tb,
+            code=error_code(exc),
+            fingerprint=fingerprints.of_failure(error_type, message, tb),
         )
+
+
+#: Error codes are names: letters, digits and ``_.:-``, at most this long.
+CODE_LIMIT = 64
+_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def error_code(exc: BaseException) -> str | None:
+    """``exc.code`` when it is a string that looks like a name; None otherwise.
+
+    Anything else (an int, a long text, spaces) is not a code: a library's ``code``
+    attribute may hold a status number or a message, which would split groups or leak text.
+    """
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and _CODE.fullmatch(code):
+        return code
+    return None
 
 
 @dataclass(frozen=True, slots=True)

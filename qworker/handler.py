@@ -27,6 +27,11 @@ Decoder = Callable[[bytes, str | None, str | None], Any]
 
 _JSON_TYPES = ("application/json", "text/json")
 
+#: Deliveries of one message that may end without an outcome (the worker died running it)
+#: before qworker dead-letters it as poison; below the quorum queue's ``x-delivery-limit``
+#: (default 10), which stays as the broker's own safety net.
+DEFAULT_MAX_DELIVERIES = 5
+
 #: A handler's default time limit per execution, in seconds. Finite on purpose: RabbitMQ
 #: closes the channel of a delivery held past its ``consumer_timeout`` (30 minutes by
 #: default), which would return every delivery of that channel; a handler that hangs
@@ -111,6 +116,10 @@ class HandlerOptions:
     fallback: HandlerFunc | None = None
     """Called like the handler when retries are exhausted or the breaker is open."""
     breaker: CircuitBreaker | None = None
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    """Deliveries without an outcome after which a message is dead-lettered as poison."""
+    runbook: str | None = None
+    """A link for people: what to do when this handler's messages fail."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +177,18 @@ def _fallback_function(value: Any) -> HandlerFunc | None:
     if value is not None and not inspect.iscoroutinefunction(value):
         raise ConfigurationError(f"fallback= takes an async def function, got {value!r}")
     return typing.cast("HandlerFunc | None", value)
+
+
+def _max_deliveries(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"max_deliveries must be a positive int, got {value!r}")
+    return value
+
+
+def _runbook(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ConfigurationError(f"runbook= takes a URL (a non-empty string), got {value!r}")
+    return value
 
 
 def options(**given: Any) -> HandlerOptions:
@@ -267,5 +288,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "severity": _severities,
     "fallback": _fallback_function,
     "breaker": _breaker,
+    "max_deliveries": _max_deliveries,
+    "runbook": _runbook,
 }
 assert list(_CHECKS) == [f.name for f in fields(HandlerOptions)], "one check per option"

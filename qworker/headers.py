@@ -41,6 +41,8 @@ HISTORY = "x-qworker-history"
 REPLAY_COUNT = "x-qworker-replay-count"
 REPLAYED_AT = "x-qworker-replayed-at"
 DROPPED_HEADERS = "x-qworker-dropped-headers"
+FINGERPRINT = "x-qworker-fingerprint"
+ERROR_CODE = "x-qworker-error-code"
 #: The broker's dead-letter history (``x-death``), merged by (queue, reason), readable for
 #: people and inert for the broker (see ``BROKER_HEADERS``).
 DEATHS = "x-qworker-deaths"
@@ -58,6 +60,8 @@ FAILURE_HEADERS = frozenset(
         REASON,
         WORKER,
         HISTORY,
+        FINGERPRINT,
+        ERROR_CODE,
     }
 )
 
@@ -275,6 +279,10 @@ def failure_headers(
     }
     if reason is not None:
         ours[REASON] = reason
+    if error.fingerprint:
+        ours[FINGERPRINT] = error.fingerprint
+    if error.code is not None:
+        ours[ERROR_CODE] = error.code
     if deaths := read_deaths(incoming):
         ours[DEATHS] = deaths
     replays = read_int(incoming, REPLAY_COUNT)

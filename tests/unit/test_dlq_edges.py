@@ -31,8 +31,9 @@ from qworker.dlq.send import (
     encoding_problem,
     unpublishable,
 )
-from qworker.dlq.stats import OTHER_KEY, Stats, normalise
+from qworker.dlq.stats import OTHER_KEY, Stats
 from qworker.errors import PublishFailed
+from qworker.fingerprint import normalise
 
 
 def failed(message: str, *, message_id: str = "m", error_type: str = "app.Err") -> DeadLetter:

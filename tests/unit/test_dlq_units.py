@@ -16,7 +16,8 @@ from qworker.dlq.acks import SENT_LIMIT, AckBook
 from qworker.dlq.filters import Filter, FilterError, parse_when
 from qworker.dlq.jsonl import BadRecord, dumps, parse_line, read_records
 from qworker.dlq.records import DeadLetter, dead_letter, origin, replay_properties
-from qworker.dlq.stats import Stats, describe, normalise, top_frame
+from qworker.dlq.stats import Stats, describe
+from qworker.fingerprint import normalise, top_frame
 from tests.support.cli import run_python
 from tests.support.dlq import failure
 

@@ -26,7 +26,9 @@ def test_every_error_class_lives_in_errors_and_is_exported_from_the_package() ->
     defined = {
         name
         for name, obj in vars(errors).items()
-        if inspect.isclass(obj) and issubclass(obj, errors.QworkerError)
+        if inspect.isclass(obj)
+        and issubclass(obj, errors.QworkerError)
+        and not name.startswith("_")
     }
     assert defined <= set(qworker.__all__)
     for name in defined:
