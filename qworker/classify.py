@@ -33,6 +33,8 @@ class Reason(StrEnum):
     RETRIES_EXHAUSTED = "retries_exhausted"
     DECODE_ERROR = "decode_error"
     TIMEOUT = "timeout"
+    POISON = "poison"
+    """Delivered ``max_deliveries`` times without an outcome: it kills or hangs workers."""
     # Read from ``x-death`` for messages the broker dead-lettered itself.
     DELIVERY_LIMIT = "delivery_limit"
     REJECTED = "rejected"
@@ -46,6 +48,7 @@ QWORKER_REASONS: tuple[Reason, ...] = (
     Reason.RETRIES_EXHAUSTED,
     Reason.DECODE_ERROR,
     Reason.TIMEOUT,
+    Reason.POISON,
 )
 #: Reasons RabbitMQ writes to ``x-death`` when it dead-letters a message itself.
 BROKER_REASONS: tuple[Reason, ...] = (

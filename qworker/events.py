@@ -49,6 +49,7 @@ DEFAULT_SEVERITY: Mapping[str, Severity] = {
     Reason.PERMANENT_ERROR: Severity.HIGH,
     Reason.RETRIES_EXHAUSTED: Severity.HIGH,
     Reason.TIMEOUT: Severity.HIGH,
+    Reason.POISON: Severity.CRITICAL,
     Reason.DELIVERY_LIMIT: Severity.CRITICAL,
     Reason.REJECTED: Severity.HIGH,
     Reason.EXPIRED: Severity.MEDIUM,
