@@ -106,12 +106,6 @@ class App:
     def __repr__(self) -> str:
         return f"App({self.name!r}, urls={[mask_url(u) for u in self.urls]})"
 
-    def runbook_for(self, handler: Handler, error_code: str | None) -> str | None:
-        """The runbook of a failure: the handler's ``runbook=``, else ``runbooks[error_code]``."""
-        if handler.options.runbook is not None:
-            return handler.options.runbook
-        return self.runbooks.get(error_code) if error_code is not None else None
-
     def handler(
         self,
         queue: str,

@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import structlog
 from aio_pika.abc import AbstractConnection
@@ -64,6 +64,7 @@ class Policy:
         default: The classification of exceptions no rule recognises.
         worker_id: ``host:pid``, written to ``x-qworker-worker``.
         observers: Receive every outcome and state change.
+        runbooks: Runbook links by error code (``App(runbooks=...)``).
         confirm_timeout: Seconds after which a copy still waiting for its confirm is
             logged (``message.confirm_slow``); the wait itself goes on (see :meth:`Consumer.apply`).
     """
@@ -73,6 +74,7 @@ class Policy:
     worker_id: str
     observers: Sequence[Observer] = ()
     confirm_timeout: float = 10.0
+    runbooks: Mapping[str, str] = field(default_factory=dict)
 
 
 class Consumer:
@@ -224,6 +226,7 @@ class Consumer:
                     self._origin(message),
                     message.headers,
                     random_fraction=random.random(),
+                    runbooks=self._policy.runbooks,
                 )
                 await self.apply(message, gate, verdict, run)
             except asyncio.CancelledError:

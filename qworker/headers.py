@@ -40,6 +40,8 @@ WORKER = "x-qworker-worker"
 HISTORY = "x-qworker-history"
 REPLAY_COUNT = "x-qworker-replay-count"
 REPLAYED_AT = "x-qworker-replayed-at"
+REPLAY_ID = "x-qworker-replay-id"
+RUNBOOK = "x-qworker-runbook"
 DROPPED_HEADERS = "x-qworker-dropped-headers"
 FINGERPRINT = "x-qworker-fingerprint"
 ERROR_CODE = "x-qworker-error-code"
@@ -62,6 +64,7 @@ FAILURE_HEADERS = frozenset(
         HISTORY,
         FINGERPRINT,
         ERROR_CODE,
+        RUNBOOK,
     }
 )
 
@@ -75,6 +78,7 @@ NAMES = FAILURE_HEADERS | {
     ORIGINAL_ROUTING_KEY,
     REPLAY_COUNT,
     REPLAYED_AT,
+    REPLAY_ID,
 }
 
 HISTORY_LENGTH = 10
@@ -252,6 +256,7 @@ def failure_headers(
     origin: Origin,
     reason: str | None = None,
     at: str | None = None,
+    runbook: str | None = None,
 ) -> dict[str, Any]:
     """The headers of the copy published after failed attempt number ``attempt``.
 
@@ -283,6 +288,8 @@ def failure_headers(
         ours[FINGERPRINT] = error.fingerprint
     if error.code is not None:
         ours[ERROR_CODE] = error.code
+    if runbook is not None:
+        ours[RUNBOOK] = truncate(runbook, NAME_LIMIT * 4)
     if deaths := read_deaths(incoming):
         ours[DEATHS] = deaths
     replays = read_int(incoming, REPLAY_COUNT)
@@ -290,15 +297,21 @@ def failure_headers(
         ours[REPLAY_COUNT] = replays
     if replays and (replayed_at := read_time(incoming, REPLAYED_AT)):
         ours[REPLAYED_AT] = replayed_at
+    if replays and (replay_id := read_str(incoming, REPLAY_ID, 64)):
+        ours[REPLAY_ID] = replay_id
     _fit(ours)
     return {**foreign_removed(incoming), **ours}
 
 
-def replay_headers(incoming: Mapping[str, Any] | None, *, at: str | None = None) -> dict[str, Any]:
+def replay_headers(
+    incoming: Mapping[str, Any] | None, *, at: str | None = None, replay_id: str | None = None
+) -> dict[str, Any]:
     """The headers of a replayed dead letter: failure context reset, replay counted.
 
     Origin headers (queue, handler, original exchange and routing key) are kept,
     sanitised, so that a later failure still records where the message began.
+    ``replay_id`` (the audit trail's id of the replay) is written to ``x-qworker-replay-id``
+    and kept through later failures, so that a replayed message that dies again is known.
     """
     kept: dict[str, Any] = {
         name: value
@@ -312,6 +325,7 @@ def replay_headers(incoming: Mapping[str, Any] | None, *, at: str | None = None)
         **kept,
         REPLAY_COUNT: read_int(incoming, REPLAY_COUNT) + 1,
         REPLAYED_AT: at or now_iso(),
+        **({REPLAY_ID: truncate(replay_id, 64)} if replay_id else {}),
     }
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from qworker import headers as h
 from qworker.delivery import Delivery
 from qworker.events import CircuitState, Observer, Outcome, OutcomeKind, severity_of
 from qworker.handler import Handler
@@ -71,6 +72,9 @@ class Reporter:
                 classification=move.decision.classification.value,
                 reason=reason,
                 tier=tier_label(move),
+                fingerprint=move.error.fingerprint or None,
+                error_code=move.error.code,
+                runbook=h.read_str(move.headers, h.RUNBOOK, 1024),
             )
         )
 

@@ -15,6 +15,7 @@ called once per failed execution, never again here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -135,6 +136,7 @@ def judge(
     *,
     random_fraction: float,
     at: str | None = None,
+    runbooks: Mapping[str, str] | None = None,
 ) -> Verdict:
     """The verdict for a delivery that came through ``route`` and was served as ``run``.
 
@@ -146,6 +148,8 @@ def judge(
         incoming: The delivery's headers, as received (untrusted).
         random_fraction: A number in [0, 1) for the retry jitter.
         at: The failure time (ISO 8601); now when None.
+        runbooks: The app's runbook links by error code (the handler's own ``runbook``
+            comes first).
     """
     if route is Route.RETURN or run is None:
         return RETURNED_CIRCUIT_OPEN
@@ -165,6 +169,7 @@ def judge(
             ],
         }
     reason = decision.reason.value if decision.reason else None
+    runbook = runbook_of(handler, error.code, runbooks)
     headers = h.failure_headers(
         incoming,
         error=error,
@@ -173,6 +178,7 @@ def judge(
         origin=delivery,
         reason=reason,
         at=at,
+        runbook=runbook,
     )
     if decision.action is Action.RETRY:
         plan = plan_retry(
@@ -201,6 +207,17 @@ def judge(
         error,
         decision,
     )
+
+
+def runbook_of(
+    handler: Handler, error_code: str | None, runbooks: Mapping[str, str] | None
+) -> str | None:
+    """The runbook of a failure: the handler's ``runbook=``, else the app's for its code."""
+    if handler.options.runbook is not None:
+        return handler.options.runbook
+    if error_code is not None and runbooks:
+        return runbooks.get(error_code)
+    return None
 
 
 def tier_label(move: Move) -> str | None:

@@ -65,7 +65,12 @@ class Worker:
             configure_logging()
         self._log = structlog.get_logger("qworker")
         policy = Policy(
-            app.classifier, app.default, app.worker_id, app.observers, app.confirm_timeout
+            app.classifier,
+            app.default,
+            app.worker_id,
+            app.observers,
+            app.confirm_timeout,
+            app.runbooks,
         )
         # One consumer per queue for the worker's lifetime: it re-attaches on every connect.
         self._consumers = [
