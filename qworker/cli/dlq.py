@@ -6,17 +6,24 @@ confirm that never came, reading refused because it could drop dead letters);
 2 bad usage (a bad filter, an unacceptable ``--to``); 3 the app cannot be
 loaded; 4 the canaries of a replay died again or were not handled in time (the
 rest was left untouched); 5 a replay finished but some selected messages were
-skipped or refused (each listed with its reason; they stay in the DLQ). Every
-failure is one line on stderr; everything printed has control characters escaped.
+skipped or refused (each listed with its reason; they stay in the DLQ); 6 the
+action was done (replay, edit, purge, export --remove) but its record could not be
+appended to the audit trail (``qworker.audit``): the action's result stands, one
+warning line says so. When the action itself ended with 1, 4 or 5, that code wins
+and the warning is still printed. Every failure is one line on stderr; everything
+printed has control characters escaped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import click
 from aio_pika.abc import AbstractConnection
@@ -39,14 +46,44 @@ from qworker.cli._terminal import (
     print_stats,
     print_summaries,
     term,
+    warn,
     warn_delivery_count,
+    when,
 )
+from qworker.dlq import mttr as times
+from qworker.dlq.audit import AuditRecord
+from qworker.dlq.audit import read as read_trail
+from qworker.dlq.filters import parse_when
 from qworker.dlq.management import list_dlqs
 from qworker.dlq.probes import queue_depth
-from qworker.errors import ConfigurationError, DecodeError, ManagementError
+from qworker.errors import ConfigurationError, DecodeError, FilterError, ManagementError
+from qworker.redact import redact
 
 EXIT_CANARY = 4
 EXIT_PARTIAL = 5
+EXIT_AUDIT = 6
+
+T = TypeVar("T")
+
+
+async def audited(action: Awaitable[T]) -> tuple[T, str | None]:
+    """Run a library action; if its audit record was not written, its result and why."""
+    try:
+        return await action, None
+    except lib.AuditFailed as exc:
+        return exc.result, str(exc)
+
+
+def audit_warning(problem: str | None) -> None:
+    """Say that the audit record is missing (one line); the exit code is the caller's."""
+    if problem is not None:
+        warn(redact(problem))
+
+
+def exit_audit(problem: str | None) -> None:
+    """Exit with :data:`EXIT_AUDIT` when the audit record is missing (warning printed)."""
+    if problem is not None:
+        sys.exit(EXIT_AUDIT)
 
 
 @click.group()
@@ -59,7 +96,8 @@ def dlq() -> None:
     DLQ's effective delivery limit is within reach), 2 bad usage or filter,
     3 app cannot be loaded, 4 replay canaries died again or were not handled in
     time, 5 replay done but some selected messages were skipped or refused
-    (listed; they stay in the DLQ).
+    (listed; they stay in the DLQ), 6 action done but its audit record could not
+    be written (warning printed; 1, 4 and 5 take precedence).
     """
     # The tool reports every failure itself, in one line; the client libraries'
     # own log records would add a second, unescaped one.
@@ -196,6 +234,7 @@ def export(
         report = with_broker(
             broker(url), lambda c: lib.export(c, queue, sys.stdout, chosen=chosen, limit=limit)
         )
+        problem = None
     else:
         try:
             # Exclusive create: an earlier export may be the only copy of its messages.
@@ -203,9 +242,11 @@ def export(
         except OSError as exc:
             fail(f"cannot create {output}: {exc.strerror or exc}")
         with stream:
-            report = with_broker(
+            report, problem = with_broker(
                 broker(url),
-                lambda c: lib.export(c, queue, stream, chosen=chosen, limit=limit, remove=remove),
+                lambda c: audited(
+                    lib.export(c, queue, stream, chosen=chosen, limit=limit, remove=remove)
+                ),
             )
     where = f" to {output}" if output else ""
     removed = " and removed them from the DLQ" if remove else ""
@@ -213,6 +254,8 @@ def export(
         term(f"exported {report.matched} dead letters from {queue}{where}{removed}"), err=True
     )
     warn_delivery_count(report)
+    audit_warning(problem)
+    exit_audit(problem)
 
 
 @dlq.command()
@@ -287,7 +330,7 @@ def replay(
         dry_run=dry_run,
     )
 
-    async def work(connection: AbstractConnection) -> lib.ReplayResult:
+    async def work(connection: AbstractConnection) -> tuple[lib.ReplayResult, str | None]:
         total = None
         if queue is not None:
             depth = await queue_depth(connection, queue)
@@ -295,18 +338,26 @@ def replay(
         reporter = ReplayReporter(total, dry_run)
         try:
             if records is not None:
-                return await lib.replay_records(
-                    connection, records, chosen=chosen, options=options, on_event=reporter
+                return await audited(
+                    lib.replay_records(
+                        connection,
+                        records,
+                        chosen=chosen,
+                        options=options,
+                        on_event=reporter,
+                        source=str(from_file),
+                    )
                 )
             assert queue is not None
-            return await lib.replay(
-                connection, queue, chosen=chosen, options=options, on_event=reporter
+            return await audited(
+                lib.replay(connection, queue, chosen=chosen, options=options, on_event=reporter)
             )
         finally:
             reporter.close()
 
-    result = with_broker(broker(url), work)
+    result, problem = with_broker(broker(url), work)
     print_replay_summary(result, queue or from_file, dry_run)
+    audit_warning(problem)
     if result.error is not None:
         fail(f"replay stopped: {result.error}")
     if result.canary is lib.Canary.DIED:
@@ -323,6 +374,7 @@ def replay(
             "they stay in the DLQ",
             EXIT_PARTIAL,
         )
+    exit_audit(problem)
 
 
 @dlq.command()
@@ -359,8 +411,12 @@ def edit(
             fail(f"edited body refused by the handler: {exc}; nothing was published")
         except ConfigurationError as exc:
             fail(str(exc), EXIT_APP)
-    target = with_broker(broker(url, app), lambda c: lib.replace(c, dl, edited, to=to))
+    target, problem = with_broker(
+        broker(url, app), lambda c: audited(lib.replace(c, dl, edited, to=to))
+    )
     click.echo(f"replayed {term(message_id)} with the edited body to {term(target)}")
+    audit_warning(problem)
+    exit_audit(problem)
 
 
 @dlq.command()
@@ -380,7 +436,132 @@ def purge(queue: str, chosen: lib.Filter, limit: int | None, yes: bool, url: str
         for name, count in aggregate.error_types.most_common(5):
             click.echo(term(f"  {count:>8}  {name}"))
         click.echo("nothing changed; add --yes to purge")
+        problem = None
     else:
-        report = with_broker(broker(url), lambda c: lib.purge(c, queue, chosen=chosen, limit=limit))
+        report, problem = with_broker(
+            broker(url), lambda c: audited(lib.purge(c, queue, chosen=chosen, limit=limit))
+        )
         click.echo(term(f"purged {report.matched} dead letters from {queue}"))
     warn_delivery_count(report)
+    audit_warning(problem)
+    exit_audit(problem)
+
+
+@dlq.command()
+@click.option("--since", help="Records at or after: ISO 8601 or a duration ago (2h, 30m, 7d).")
+@click.option("--dlq", "dlq_name", metavar="QUEUE", help="Only records about this DLQ.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, for scripts.")
+@click.option(
+    "--mttr",
+    is_flag=True,
+    help="Per failure group: first failure, first alert (MTTD), resolving replay (MTTR) or open.",
+)
+@management_option
+@url_option
+def history(
+    since: str | None, dlq_name: str | None, as_json: bool, mttr: bool, url: str | None
+) -> None:
+    """The audit trail (stream qworker.audit): every replay, edit, purge, export --remove
+    and alert, oldest first, one line each.
+
+    With --mttr, per failure group (fingerprint): when it first failed, when an alert
+    first named it (MTTD) and which replay resolved it (MTTR), or "open". The DLQs the
+    trail names (or --dlq) are read once, without removing anything, to find replayed
+    messages that came back.
+    """
+    try:
+        start = parse_when(since, datetime.now(UTC)) if since is not None else None
+    except FilterError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if mttr:
+        found, _ = with_broker(broker(url), lambda c: times.collect(c, dlq=dlq_name, since=start))
+        print_groups(found, as_json)
+        return
+
+    async def records(connection: AbstractConnection) -> None:
+        async for record in read_trail(connection, since=start):
+            if start is not None and (record.when is None or record.when < start):
+                continue
+            if dlq_name is not None and not times.concerns(record, dlq_name):
+                continue
+            click.echo(record_json(record) if as_json else record_line(record))
+
+    with_broker(broker(url), records)
+
+
+def record_json(record: AuditRecord) -> str:
+    """One record as one JSON line (control characters escaped by JSON itself)."""
+    return record.to_json().decode("utf-8")
+
+
+def record_line(record: AuditRecord) -> str:
+    """One record as one terminal-safe line."""
+    parts = [record.at, record.action, record.dlq or record.source or "-", record.actor]
+    parts.append(" ".join(f"{k}={v}" for k, v in record.counts.items()) or "-")
+    parts.append(record.outcome)
+    if record.replay_id:
+        parts.append(f"replay_id={record.replay_id}")
+    if record.filter:
+        parts.append("filter " + " ".join(f"{k}={v}" for k, v in record.filter.items()))
+    if record.options:
+        parts.append("options " + " ".join(f"{k}={v}" for k, v in record.options.items()))
+    if record.fingerprints:
+        shown = ",".join(record.fingerprints[:5])
+        more = f" (+{len(record.fingerprints) - 5})" if len(record.fingerprints) > 5 else ""
+        parts.append(f"groups {shown}{more}")
+    return term("  ".join(" ".join(str(p).split()) for p in parts))
+
+
+def duration(value: timedelta | None) -> str:
+    """``3d4h``, ``2h05m``, ``4m12s``, ``7s``."""
+    if value is None:
+        return "-"
+    seconds = int(value.total_seconds())
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def print_groups(found: list[times.GroupTimes], as_json: bool) -> None:
+    """The MTTD/MTTR table (or JSON lines), one group a line, oldest first failure first."""
+    if as_json:
+        for group in found:
+            click.echo(
+                json.dumps(
+                    {
+                        "fingerprint": group.fingerprint,
+                        "dlq": group.dlq,
+                        "first_failure": group.first_failure.isoformat(),
+                        "first_alert": group.first_alert.isoformat() if group.first_alert else None,
+                        "mttd_seconds": group.mttd.total_seconds() if group.mttd else None,
+                        "resolved_by": group.resolved_by,
+                        "resolved_at": group.resolved_at.isoformat() if group.resolved_at else None,
+                        "mttr_seconds": group.mttr.total_seconds() if group.mttr else None,
+                        "came_back": list(group.came_back),
+                        "state": "open" if group.open else "resolved",
+                    }
+                )
+            )
+        return
+    if not found:
+        click.echo("no failure groups in the audit trail")
+        return
+    click.echo(f"{'GROUP':<14}{'FIRST FAILURE':<21}{'FIRST ALERT (MTTD)':<32}RESOLVED (MTTR)")
+    for group in found:
+        alert = f"{when(group.first_alert)} ({duration(group.mttd)})" if group.first_alert else "-"
+        if group.open:
+            resolved = "open"
+        else:
+            resolved = (
+                f"by replay {group.resolved_by} at {when(group.resolved_at)} "
+                f"({duration(group.mttr)})"
+            )
+        if group.came_back:
+            resolved += f"; came back: {', '.join(group.came_back[:3])}"
+        line = f"{group.fingerprint:<14}{when(group.first_failure):<21}{alert:<32}{resolved}"
+        click.echo(term(line))

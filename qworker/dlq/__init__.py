@@ -8,7 +8,11 @@ leaves a DLQ exactly as it was (and refuses to read a quorum DLQ whose
 effective delivery limit it could reach: :class:`BrowseRefused`, see
 :class:`DeliveryGuard`), and a message leaves only
 after it was confirmed elsewhere (replay), written and fsynced (export
-``remove=True``), or explicitly purged::
+``remove=True``), or explicitly purged. Every function that changes a DLQ
+(``replay``, ``replay_records``, ``replace``, ``purge``, ``export`` with
+``remove``) then appends one record to the audit trail (:mod:`qworker.dlq.audit`;
+dry runs append nothing); when that append fails, the action's result stands and
+:class:`AuditFailed` is raised carrying it (``exc.result``)::
 
     async with await aio_pika.connect(url) as connection:
         stats, report = await dlq.stats(connection, "orders.dlq")
@@ -29,6 +33,8 @@ from typing import TextIO
 from aio_pika.abc import AbstractConnection
 
 from qworker.app import App
+from qworker.dlq import audit
+from qworker.dlq.audit import AuditFailed, AuditRecord
 from qworker.dlq.cursor import ScanReport, select
 from qworker.dlq.filters import Filter
 from qworker.dlq.jsonl import dumps, read_records
@@ -37,6 +43,7 @@ from qworker.dlq.records import DeadLetter, origin
 from qworker.dlq.replay import ReplayOptions, check_records, replace, replay, replay_records
 from qworker.dlq.send import Canary, Event, ReplayOutcome, ReplayResult
 from qworker.dlq.stats import OTHER_KEY, Group, Stats
+from qworker.dlq.trail import Acted, filter_of
 from qworker.errors import (
     BadRecord,
     BadTarget,
@@ -49,6 +56,8 @@ from qworker.errors import (
 
 __all__ = [
     "OTHER_KEY",
+    "AuditFailed",
+    "AuditRecord",
     "BadRecord",
     "BadTarget",
     "BrowseRefused",
@@ -148,6 +157,7 @@ async def export(
     chosen: Filter | None = None,
     limit: int | None = None,
     remove: bool = False,
+    actor: str | None = None,
 ) -> ScanReport:
     """Write the matching dead letters to ``out``, one JSON record per line.
 
@@ -162,23 +172,71 @@ async def export(
         out: A text file open for writing (JSONL, see :mod:`qworker.dlq.jsonl`).
         chosen: Only dead letters matching this filter (default: all).
         limit: At most this many matching dead letters (None: all).
-        remove: Also remove the written dead letters from the DLQ (after fsync).
+        remove: Also remove the written dead letters from the DLQ (after fsync); then
+            one ``export-remove`` record goes to the audit trail.
+        actor: Who removes, for the audit trail (default :func:`qworker.dlq.audit.actor`).
+
+    Raises:
+        AuditFailed: the messages were exported and removed (``exc.result``: the
+            report) but the record was not written.
     """
     if remove:
         _sync_directory(out)
-    async with select(connection, queue, chosen or Filter(), limit) as selection:
-        written: list[int] = []
-        async for held in selection:
-            out.write(dumps(held.dead_letter) + "\n")
+    acted = Acted()
+    removed: list[DeadLetter] = []
+    try:
+        async with select(connection, queue, chosen or Filter(), limit) as selection:
+            written: list[int] = []
+            async for held in selection:
+                out.write(dumps(held.dead_letter) + "\n")
+                if remove:
+                    written.append(held.tag)
+                    removed.append(held.dead_letter)
+                    if len(written) >= EXPORT_BATCH:
+                        await _remove_written(out, written, selection.cursor.ack)
+                        _note(acted, removed)
+            out.flush()
             if remove:
-                written.append(held.tag)
-                if len(written) >= EXPORT_BATCH:
-                    await _remove_written(out, written, selection.cursor.ack)
-        out.flush()
-        if remove:
-            await _remove_written(out, written, selection.cursor.ack)
-            await selection.cursor.flush()
-        return selection.report
+                await _remove_written(out, written, selection.cursor.ack)
+                await selection.cursor.flush()
+                _note(acted, removed)
+            report = selection.report
+    except BaseException as exc:
+        if remove and acted.count:
+            await audit.append_quietly(
+                connection, _export_record(acted, queue, out, chosen, limit, actor, exc)
+            )
+        raise
+    if remove:
+        record = _export_record(acted, queue, out, chosen, limit, actor)
+        await audit.record_action(connection, record, report)
+    return report
+
+
+def _note(acted: Acted, done: list[DeadLetter]) -> None:
+    for dl in done:
+        acted.add(dl)
+    done.clear()
+
+
+def _export_record(
+    acted: Acted,
+    queue: str,
+    out: TextIO,
+    chosen: Filter | None,
+    limit: int | None,
+    actor: str | None,
+    exc: BaseException | None = None,
+) -> AuditRecord:
+    return acted.record(
+        "export-remove",
+        dlq=queue,
+        actor=actor or audit.actor(),
+        filter=filter_of(chosen, limit),
+        counts={"removed": acted.count},
+        outcome="ok" if exc is None else f"error: {type(exc).__name__}: {exc}",
+        options={"output": str(getattr(out, "name", ""))},
+    )
 
 
 async def _remove_written(
@@ -207,20 +265,50 @@ async def purge(
     *,
     chosen: Filter | None = None,
     limit: int | None = None,
+    actor: str | None = None,
 ) -> ScanReport:
     """Delete the matching dead letters (``report.matched`` of them); the others stay.
+
+    Then one ``purge`` record goes to the audit trail.
 
     Args:
         connection: An open connection to the broker (the library opens its own channels).
         queue: The DLQ to read.
         chosen: Only dead letters matching this filter (default: all).
         limit: At most this many matching dead letters (None: all).
+        actor: Who purges, for the audit trail (default :func:`qworker.dlq.audit.actor`).
+
+    Raises:
+        AuditFailed: the messages were purged (``exc.result``: the report) but the
+            record was not written.
     """
-    async with select(connection, queue, chosen or Filter(), limit) as selection:
-        async for held in selection:
-            await selection.cursor.ack(held.tag)
-        await selection.cursor.flush()
-        return selection.report
+    acted = Acted()
+
+    def purge_record(outcome: str) -> AuditRecord:
+        return acted.record(
+            "purge",
+            dlq=queue,
+            actor=actor or audit.actor(),
+            filter=filter_of(chosen, limit),
+            counts={"purged": acted.count},
+            outcome=outcome,
+        )
+
+    try:
+        async with select(connection, queue, chosen or Filter(), limit) as selection:
+            async for held in selection:
+                await selection.cursor.ack(held.tag)
+                acted.add(held.dead_letter)
+            await selection.cursor.flush()
+            report = selection.report
+    except BaseException as exc:
+        if acted.count:
+            await audit.append_quietly(
+                connection, purge_record(f"error: {type(exc).__name__}: {exc}")
+            )
+        raise
+    await audit.record_action(connection, purge_record("ok"), report)
+    return report
 
 
 async def find(connection: AbstractConnection, queue: str, message_id: str) -> DeadLetter | None:

@@ -6,7 +6,15 @@ declared on first use), published with confirms. Nothing else stores state: the 
 the database. Streams keep what they hold whoever reads it, so any number of readers
 (``qworker dlq history``, a console) can read the whole trail without removing anything.
 
-Records are append-only facts; :func:`read` yields them oldest first.
+Records are append-only facts; :func:`read` yields them oldest first. The stream is
+writable by any user with write permission on it, so a record read back is checked field by
+field (:meth:`AuditRecord.from_json`) and anything that is not a well-formed record is
+skipped.
+
+Writing the record comes after the action's own guarantees (a replay acks only after its
+confirms): when the record cannot be appended, the action's result stands and
+:class:`AuditFailed` is raised carrying that result, so no front end can lose the
+operator's work or silently miss the record.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
 
+from qworker.errors import QworkerError
 from qworker.publish import ConfirmedPublisher
 from qworker.redact import redact
 
@@ -35,6 +44,10 @@ STREAM = "qworker.audit"
 MAX_AGE = "365D"
 #: At most this many message ids are listed in one record (the counts stay exact).
 MESSAGE_IDS_LIMIT = 1000
+#: At most this many fingerprints are listed in one record.
+FINGERPRINTS_LIMIT = 1000
+#: Text fields of a record read back are cut to this many characters.
+TEXT_LIMIT = 2048
 #: Reading stops when no record arrived for this long after the last one.
 IDLE_SECONDS = 1.0
 
@@ -67,8 +80,18 @@ class AuditRecord:
         message_ids: The messages concerned (at most ``MESSAGE_IDS_LIMIT``).
         replay_id: The id written to the replayed copies (``x-qworker-replay-id``).
         fingerprints: The failure groups concerned.
-        outcome: ``ok``, ``canary-failed``, ``partial``, ``error: ...``; for an alert, the rule.
+        outcome: ``ok``, ``canary-failed: ...``, ``partial``, ``error: ...``; for an alert,
+            the rule.
         id: This record's id.
+        options: How the action ran (replay: ``limit``, ``rate``, ``canary``, ``canary_wait``,
+            ``to``; edit: ``to``; export: ``output``), by the CLI's option names with
+            underscores.
+        first_failures: For each fingerprint concerned, the earliest
+            ``x-qworker-first-failure-at`` among the messages acted on (ISO 8601): what
+            MTTD and MTTR are measured from (:mod:`qworker.dlq.mttr`).
+        source: Where the messages came from when not a DLQ (``replay --from-file``: the file).
+        came_back: Replay ids found on the dead letters acted on (they came back to the DLQ
+            after that replay), each with the earliest failure time seen (ISO 8601).
     """
 
     action: str
@@ -82,29 +105,163 @@ class AuditRecord:
     fingerprints: list[str] = field(default_factory=list)
     outcome: str = "ok"
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    options: dict[str, Any] = field(default_factory=dict)
+    first_failures: dict[str, str] = field(default_factory=dict)
+    source: str | None = None
+    came_back: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def when(self) -> datetime | None:
+        """``at`` as an aware datetime (None if unreadable)."""
+        return _parse_time(self.at)
 
     def to_json(self) -> bytes:
         """The record as one JSON object (message ids capped, texts redacted)."""
         data = asdict(self)
         data["message_ids"] = [str(m) for m in self.message_ids[:MESSAGE_IDS_LIMIT]]
+        data["fingerprints"] = [str(f) for f in self.fingerprints[:FINGERPRINTS_LIMIT]]
         data["outcome"] = redact(self.outcome)
         return json.dumps(data, separators=(",", ":"), default=str).encode("utf-8")
 
     @classmethod
     def from_json(cls, body: bytes) -> AuditRecord | None:
-        """A record read back; None for anything that is not one (the stream is writable
-        by any user with write permission: never trust it further than its shape)."""
+        """A record read back; None for anything that is not one.
+
+        The stream is writable by any user with write permission: a record is never
+        trusted further than its shape. Every field must have its type (strings,
+        string lists, counts that are integers, a readable ``at``); texts are cut to
+        :data:`TEXT_LIMIT`, lists to their limits; unknown fields are ignored.
+        """
         try:
             data = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return None
-        if not isinstance(data, Mapping) or not isinstance(data.get("action"), str):
+        if not isinstance(data, Mapping):
             return None
-        known = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
         try:
-            return cls(**known)
-        except TypeError:
+            return cls._checked(data)
+        except (TypeError, ValueError):
             return None
+
+    @classmethod
+    def _checked(cls, data: Mapping[str, Any]) -> AuditRecord | None:
+        action = _text(data.get("action"))
+        at = _text(data.get("at"))
+        if not action or at is None or _parse_time(at) is None:
+            return None
+        record_id = _text(data.get("id"))
+        counts = _mapping(data.get("counts"))
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in counts.values()):
+            return None
+        first_failures = _times(data.get("first_failures"))
+        return cls(
+            action=action,
+            dlq=_optional_text(data.get("dlq")),
+            actor=_text(data.get("actor")) or "unknown",
+            at=at,
+            filter=_scalars(data.get("filter")),
+            counts={_cut(k): v for k, v in counts.items()},
+            message_ids=_texts(data.get("message_ids"), MESSAGE_IDS_LIMIT),
+            replay_id=_optional_text(data.get("replay_id")),
+            fingerprints=_texts(data.get("fingerprints"), FINGERPRINTS_LIMIT),
+            outcome=_text(data.get("outcome")) or "",
+            id=record_id or uuid.uuid4().hex,
+            options=_scalars(data.get("options")),
+            first_failures=first_failures,
+            source=_optional_text(data.get("source")),
+            came_back=_times(data.get("came_back")),
+        )
+
+
+def _cut(value: str) -> str:
+    return value[:TEXT_LIMIT]
+
+
+def _text(value: Any) -> str | None:
+    return _cut(value) if isinstance(value, str) else None
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = _text(value)
+    if text is None:
+        raise TypeError("not a string")
+    return text
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError("not an object")
+    return dict(value)
+
+
+def _scalars(value: Any) -> dict[str, Any]:
+    """An object of strings, numbers, booleans and nulls (anything nested is dropped)."""
+    return {
+        _cut(k): (_cut(v) if isinstance(v, str) else v)
+        for k, v in _mapping(value).items()
+        if v is None or isinstance(v, str | int | float | bool)
+    }
+
+
+def _times(value: Any) -> dict[str, str]:
+    """An object of readable ISO 8601 times (other entries are dropped), capped."""
+    items = list(_mapping(value).items())[:FINGERPRINTS_LIMIT]
+    return {_cut(k): v for k, v in items if isinstance(v, str) and _parse_time(v) is not None}
+
+
+def _texts(value: Any, limit: int) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError("not a list of strings")
+    return [_cut(v) for v in value[:limit]]
+
+
+def _parse_time(value: str) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(value[:64])
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+class AuditFailed(QworkerError):
+    """The action was done, but its record could not be appended to the trail.
+
+    ``result`` is what the action returned (its result stands: nothing is undone),
+    ``record`` the record that is missing from the trail.
+    """
+
+    def __init__(self, record: AuditRecord, cause: BaseException, result: Any) -> None:
+        text = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+        super().__init__(
+            f"{record.action} done, but its audit record was not written to {STREAM} ({text})"
+        )
+        self.record = record
+        self.result = result
+
+
+async def append_quietly(connection: AbstractConnection, record: AuditRecord) -> bool:
+    """Append the record of an action that failed midway, when the action's own error is
+    what the caller raises; False if the record could not be appended either."""
+    try:
+        await append(connection, record)
+    except Exception:
+        return False
+    return True
+
+
+async def record_action(connection: AbstractConnection, record: AuditRecord, result: Any) -> None:
+    """Append ``record`` after its action; raise :class:`AuditFailed` (carrying ``result``)
+    when the broker does not take it."""
+    try:
+        await append(connection, record)
+    except Exception as exc:
+        raise AuditFailed(record, exc, result) from exc
 
 
 async def declare(connection: AbstractConnection) -> None:
@@ -148,7 +305,9 @@ async def read(
     A stream is read by consuming it from an offset (``first`` or a timestamp); nothing is
     removed. Reading stops once no record arrived for ``IDLE_SECONDS``.
     """
-    await declare(connection)
+    # A reader may lack the configure permission a declare needs: then the stream must exist.
+    with contextlib.suppress(aiormq.exceptions.AMQPError):
+        await declare(connection)
     channel = await connection.channel(publisher_confirms=False)
     try:
         await channel.set_qos(prefetch_count=500)

@@ -18,6 +18,7 @@ from functools import partial
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
+from qworker.dlq import audit
 from qworker.dlq.cursor import Cursor, Held, select
 from qworker.dlq.filters import Filter
 from qworker.dlq.probes import close_channel_quietly, queue_depth
@@ -34,6 +35,7 @@ from qworker.dlq.send import (
     replay_message,
     unpublishable,
 )
+from qworker.dlq.trail import Acted, filter_of
 from qworker.errors import BadRecord, QworkerError
 from qworker.publish import ConfirmedPublisher
 
@@ -165,13 +167,16 @@ async def replay(
     chosen: Filter | None = None,
     options: ReplayOptions | None = None,
     on_event: EventHandler | None = None,
+    actor: str | None = None,
 ) -> ReplayResult:
     """Replay the dead letters of ``queue`` that match ``chosen``; see :class:`ReplayOptions`.
 
     Each copy is published with confirms to its origin queue (or ``options.to``), with
-    the failure headers reset, and the dead letter is acked only after the confirm.
-    Messages not selected, skipped or not confirmed stay in the DLQ; a failure of one
-    message is contained to it (listed as an event, counted in the result).
+    the failure headers reset and ``x-qworker-replay-id`` set to ``result.replay_id``,
+    and the dead letter is acked only after the confirm. Messages not selected, skipped
+    or not confirmed stay in the DLQ; a failure of one message is contained to it
+    (listed as an event, counted in the result). Then one ``replay`` record goes to
+    the audit trail (not for a dry run).
 
     Args:
         connection: An open connection to the broker.
@@ -179,29 +184,106 @@ async def replay(
         chosen: Only dead letters matching this filter (default: all).
         options: Limit, rate, canaries, target, dry run (default: :class:`ReplayOptions`).
         on_event: Called with an :class:`Event` for each selected dead letter.
+        actor: Who replays, for the audit trail (default :func:`qworker.dlq.audit.actor`).
 
     Raises:
         QueueNotFound: the DLQ or the ``to`` queue does not exist.
         BadTarget: ``options.to`` is not acceptable (the DLQ itself, not a queue name).
+        AuditFailed: the replay was done (``exc.result``) but its record was not written.
     """
     chosen = chosen or Filter()
     options = options or ReplayOptions()
     router = Router(connection, options.to)
     await router.check_to(queue)
-    result = ReplayResult()
+    result = ReplayResult(replay_id=None if options.dry_run else audit.new_id())
+    acted = Acted()
+    acted.dlq = queue
+    watch = _noting(acted, on_event)
+    try:
+        await _replay(connection, queue, chosen, options, watch, router, result)
+    except BaseException as exc:
+        if not options.dry_run and result.replayed + result.failed:
+            await audit.append_quietly(
+                connection, _replay_record(acted, result, chosen, options, actor, exc)
+            )
+        raise
+    if not options.dry_run:
+        record = _replay_record(acted, result, chosen, options, actor)
+        await audit.record_action(connection, record, result)
+    return result
+
+
+def _noting(acted: Acted, on_event: EventHandler | None) -> EventHandler:
+    """An event handler noting each replayed dead letter in ``acted``, then calling ``on_event``."""
+
+    def handle(event: Event) -> None:
+        if event.outcome is ReplayOutcome.REPLAYED:
+            acted.add(event.dead_letter)
+        if on_event is not None:
+            on_event(event)
+
+    return handle
+
+
+def _replay_record(
+    acted: Acted,
+    result: ReplayResult,
+    chosen: Filter,
+    options: ReplayOptions,
+    actor: str | None,
+    exc: BaseException | None = None,
+    source: str | None = None,
+) -> audit.AuditRecord:
+    outcome = result.outcome
+    if exc is not None:
+        outcome = f"error: {type(exc).__name__}: {exc}"
+    used = {
+        "rate": options.rate,
+        "canary": options.canary or None,
+        "canary_wait": options.canary_wait if options.canary else None,
+        "canary_timeout": options.canary_timeout if options.canary else None,
+        "to": options.to,
+    }
+    return acted.record(
+        "replay",
+        actor=actor or audit.actor(),
+        filter=filter_of(chosen, options.limit),
+        counts={"replayed": result.replayed, "skipped": result.skipped, "failed": result.failed},
+        replay_id=result.replay_id,
+        outcome=outcome,
+        options={k: v for k, v in used.items() if v is not None},
+        source=source,
+    )
+
+
+async def _replay(
+    connection: AbstractConnection,
+    queue: str,
+    chosen: Filter,
+    options: ReplayOptions,
+    on_event: EventHandler,
+    router: Router,
+    result: ReplayResult,
+) -> None:
     async with _publishers(connection) as (publisher, reopen):
         sender = Sender(
-            publisher, result, on_event, window=options.window, rate=options.rate, reopen=reopen
+            publisher,
+            result,
+            on_event,
+            window=options.window,
+            rate=options.rate,
+            reopen=reopen,
+            replay_id=result.replay_id,
         )
         limit = options.limit
         if options.canary > 0 and not options.dry_run:
             used = await _canaries(connection, queue, chosen, options, router, sender, result)
             if sender.stopped or result.canary is not Canary.PASSED:
-                return result
+                return
             if limit is not None:
                 limit -= used
                 if limit <= 0:
-                    return result
+                    return
         async with select(connection, queue, chosen, limit) as selection:
             try:
                 async for held in selection:
@@ -212,7 +294,6 @@ async def replay(
                 await sender.drain()
             await _flush(selection.cursor, result)
             result.reports.append(selection.report)
-    return result
 
 
 @contextlib.asynccontextmanager
@@ -254,12 +335,16 @@ async def replay_records(
     chosen: Filter | None = None,
     options: ReplayOptions | None = None,
     on_event: EventHandler | None = None,
+    actor: str | None = None,
+    source: str | None = None,
 ) -> ReplayResult:
     """Publish exported dead letters (``records()`` yields them, each call from the start).
 
     Every record is read and checked (see :func:`check_records`) before anything
     is published, so a bad or unencodable record stops the replay with nothing
-    sent (:class:`BadRecord`). Canaries are not supported here.
+    sent (:class:`BadRecord`). Canaries are not supported here. Then one ``replay``
+    record goes to the audit trail (not for a dry run); its DLQ is the one the
+    first replayed record came from.
 
     Args:
         connection: An open connection to the broker.
@@ -267,16 +352,51 @@ async def replay_records(
         chosen: Only records matching this filter (default: all).
         options: Limit, rate, target, dry run (default: :class:`ReplayOptions`).
         on_event: Called with an :class:`Event` for each selected record.
+        actor: Who replays, for the audit trail (default :func:`qworker.dlq.audit.actor`).
+        source: Where the records come from (e.g. the file's name), for the audit trail.
+
+    Raises:
+        AuditFailed: the replay was done (``exc.result``) but its record was not written.
     """
     chosen = chosen or Filter()
     options = options or ReplayOptions()
     router = Router(connection, options.to)
     await router.check_to(None)
     check_records(records)
-    result = ReplayResult()
+    result = ReplayResult(replay_id=None if options.dry_run else audit.new_id())
+    acted = Acted()
+    watch = _noting(acted, on_event)
+    try:
+        await _replay_records(connection, records, chosen, options, watch, router, result)
+    except BaseException as exc:
+        if not options.dry_run and result.replayed + result.failed:
+            record = _replay_record(acted, result, chosen, options, actor, exc, source)
+            await audit.append_quietly(connection, record)
+        raise
+    if not options.dry_run:
+        record = _replay_record(acted, result, chosen, options, actor, source=source)
+        await audit.record_action(connection, record, result)
+    return result
+
+
+async def _replay_records(
+    connection: AbstractConnection,
+    records: Callable[[], Iterable[DeadLetter]],
+    chosen: Filter,
+    options: ReplayOptions,
+    on_event: EventHandler,
+    router: Router,
+    result: ReplayResult,
+) -> None:
     async with _publishers(connection) as (publisher, reopen):
         sender = Sender(
-            publisher, result, on_event, window=options.window, rate=options.rate, reopen=reopen
+            publisher,
+            result,
+            on_event,
+            window=options.window,
+            rate=options.rate,
+            reopen=reopen,
+            replay_id=result.replay_id,
         )
         selected = 0
         for dl in records():
@@ -293,7 +413,6 @@ async def replay_records(
             else:
                 await sender.send(dl, route.queue, _nothing)
         await sender.drain()
-    return result
 
 
 async def _nothing() -> None:
@@ -301,19 +420,31 @@ async def _nothing() -> None:
 
 
 async def replace(
-    connection: AbstractConnection, original: DeadLetter, body: bytes, *, to: str | None = None
+    connection: AbstractConnection,
+    original: DeadLetter,
+    body: bytes,
+    *,
+    to: str | None = None,
+    actor: str | None = None,
 ) -> str:
     """Replay ``original`` with a new ``body``, then remove it from its DLQ; returns the target.
 
     The DLQ is read again to find that very message (same id, body and failure
     time): if someone else replayed or purged it meanwhile, nothing is
-    published and :class:`qworker.errors.QworkerError` is raised.
+    published and :class:`qworker.errors.QworkerError` is raised. The copy carries a
+    new replay id; then one ``edit`` record goes to the audit trail.
+
+    Raises:
+        AuditFailed: the edited message was replayed (``exc.result``: the target) but
+            its record was not written.
     """
     router = Router(connection, to)
     await router.check_to(None)
     route = await router.route(original)
     if route.queue is None:
         raise QworkerError(f"cannot replay {original.message_id!r}: {route.problem}")
+    replay_id = audit.new_id()
+    acted = Acted()
     channel = await connection.channel(publisher_confirms=True)
     try:
         publisher = ConfirmedPublisher(channel)
@@ -322,12 +453,26 @@ async def replace(
         ) as sel:
             async for held in sel:
                 if same_message(held.dead_letter, original):
-                    await publisher.publish(replay_message(held.dead_letter, body), route.queue)
+                    copy = replay_message(held.dead_letter, body, replay_id=replay_id)
+                    await publisher.publish(copy, route.queue)
                     await sel.cursor.ack(held.tag)
                     await sel.cursor.flush()
-                    return route.queue
+                    acted.add(held.dead_letter)
+                    break
     finally:
         await close_channel_quietly(channel)
-    raise QworkerError(
-        f"message {original.message_id!r} is no longer in {original.queue!r}; nothing was published"
+    if not acted.count:
+        raise QworkerError(
+            f"message {original.message_id!r} is no longer in {original.queue!r}; "
+            "nothing was published"
+        )
+    record = acted.record(
+        "edit",
+        actor=actor or audit.actor(),
+        filter={"message_id": original.message_id},
+        counts={"replayed": 1},
+        replay_id=replay_id,
+        options={"to": to} if to else {},
     )
+    await audit.record_action(connection, record, route.queue)
+    return route.queue

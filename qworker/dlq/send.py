@@ -27,9 +27,11 @@ import aio_pika
 import pamqp.frame
 import pamqp.header
 
+from qworker import headers as h
 from qworker.dlq.cursor import ScanReport
 from qworker.dlq.records import DeadLetter, replay_properties
 from qworker.errors import PublishFailed
+from qworker.failures import truncate
 from qworker.publish import ConfirmedPublisher
 
 #: Publishes awaiting their confirm at once.
@@ -78,6 +80,8 @@ class ReplayResult:
     """Counts per outcome, the error that stopped a replay early, and the canaries' fate.
 
     ``reports``: what each pass over the DLQ saw (one, or two with canaries).
+    ``replay_id``: the id written to every copy (``x-qworker-replay-id``) and to the
+    audit record (None for a dry run, which writes neither).
     """
 
     replayed: int = 0
@@ -88,6 +92,19 @@ class ReplayResult:
     canary: Canary | None = None
     dead_canaries: list[str] = field(default_factory=list)
     reports: list[ScanReport] = field(default_factory=list)
+    replay_id: str | None = None
+
+    @property
+    def outcome(self) -> str:
+        """The outcome as the audit trail records it: ``ok``, ``canary-failed: ...``,
+        ``partial`` (some selected messages skipped or refused) or ``error: ...``."""
+        if self.error is not None:
+            return f"error: {self.error}"
+        if self.canary is Canary.DIED:
+            return f"canary-failed: {', '.join(self.dead_canaries[:20])} dead-lettered again"
+        if self.canary is Canary.TIMED_OUT:
+            return "canary-failed: not handled in time"
+        return "partial" if self.skipped + self.failed else "ok"
 
     def count(self, event: Event) -> None:
         """Count ``event``."""
@@ -130,8 +147,10 @@ class Sender:
         window: int = DEFAULT_WINDOW,
         rate: float | None = None,
         reopen: Reopen | None = None,
+        replay_id: str | None = None,
     ) -> None:
         self._publisher = publisher
+        self._replay_id = replay_id
         self._reopen = reopen
         self._reopening = asyncio.Lock()
         self._losses = 0
@@ -163,7 +182,7 @@ class Sender:
             self._slots.release()
             return None
         try:
-            message = replay_message(dl)
+            message = replay_message(dl, replay_id=self._replay_id)
             problem = encoding_problem(message)
         except Exception as exc:  # a record no message can be built from
             message, problem = None, f"cannot build the copy: {_one_line(exc)}"
@@ -232,9 +251,15 @@ class Sender:
             await asyncio.gather(*list(self._tasks))
 
 
-def replay_message(dl: DeadLetter, body: bytes | None = None) -> aio_pika.Message:
-    """The replayed copy of ``dl`` (see :func:`qworker.dlq.records.replay_properties`)."""
+def replay_message(
+    dl: DeadLetter, body: bytes | None = None, *, replay_id: str | None = None
+) -> aio_pika.Message:
+    """The replayed copy of ``dl`` (see :func:`qworker.dlq.records.replay_properties`),
+    carrying ``replay_id`` in ``x-qworker-replay-id`` when given."""
     content, properties = replay_properties(dl, body)
+    if replay_id:
+        # replay_headers dropped any earlier replay's id (a foreign x-qworker-* header).
+        properties["headers"][h.REPLAY_ID] = truncate(replay_id, 64)
     message = aio_pika.Message(content, **properties)
     if message.message_id is None:
         # A message id lets a canary be recognised if it dies again.
