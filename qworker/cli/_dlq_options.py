@@ -23,7 +23,17 @@ from qworker.errors import ConfigurationError
 T = TypeVar("T")
 Command = Callable[..., Any]
 
-_FILTERS = ("error_type", "reason", "handler", "message_id", "grep", "since", "until")
+_FILTERS = (
+    "error_type",
+    "reason",
+    "handler",
+    "message_id",
+    "grep",
+    "since",
+    "until",
+    "fingerprint",
+    "error_code",
+)
 
 
 def broker(url: str | None, app: App | None = None) -> tuple[list[str], str | None]:
@@ -80,6 +90,17 @@ def filter_options(func: Command) -> Command:
         click.option("--grep", help="Text in the body or the error message (case-sensitive)."),
         click.option("--since", help="Failed at or after: ISO 8601 or a duration ago (2h, 30m)."),
         click.option("--until", help="Failed at or before: ISO 8601 or a duration ago."),
+        click.option(
+            "--fingerprint",
+            metavar="FP",
+            help="Failure group: at least the first 6 hex characters of its fingerprint "
+            "(dlq stats, x-qworker-fingerprint).",
+        ),
+        click.option(
+            "--error-code",
+            metavar="CODE",
+            help="Exact error code (x-qworker-error-code), e.g. CUSTOMER_UNKNOWN.",
+        ),
     ]
     for option in reversed(options):
         command = option(command)

@@ -114,7 +114,7 @@ def print_summaries(summaries: list[lib.DlqSummary]) -> None:
 def print_dead_letters(
     found: list[lib.DeadLetter], report: lib.ScanReport, limit: int | None
 ) -> None:
-    """The ``show`` table: one row per dead letter, newest facts first."""
+    """The ``show`` table: one row per dead letter, newest facts first, then their runbooks."""
     now = datetime.now(UTC)
     rows = [_row(dl, now) for dl in found]
     more = " (--limit 0 shows all)" if limit and report.matched >= limit else ""
@@ -123,11 +123,25 @@ def print_dead_letters(
         rows,
         f"{len(found)} shown of {report.depth} dead letters in {report.queue}{more}",
     )
+    runbooks = Runbooks()
+    for dl in found:
+        runbooks.add(dl)
+    runbooks.print()
 
 
 #: Column widths of ``show --limit 0``, whose rows are printed as they are read.
-STREAM_WIDTHS = (32, 5, 17, 40, 30, 3, 60)
-_SHOW_COLUMNS = ("ID", "AGE", "REASON", "ERROR TYPE", "HANDLER", "ATT", "MESSAGE", "BODY")
+STREAM_WIDTHS = (32, 5, 17, 40, 24, 30, 3, 60)
+_SHOW_COLUMNS = (
+    "ID",
+    "AGE",
+    "REASON",
+    "ERROR TYPE",
+    "CODE",
+    "HANDLER",
+    "ATT",
+    "MESSAGE",
+    "BODY",
+)
 
 
 def _row(dl: lib.DeadLetter, now: datetime) -> tuple[object, ...]:
@@ -136,6 +150,7 @@ def _row(dl: lib.DeadLetter, now: datetime) -> tuple[object, ...]:
         age(dl.failed_at, now),
         dl.reason,
         dl.error_type or "-",
+        dl.error_code or "-",
         dl.handler or "-",
         dl.attempt,
         dl.summary_line()[:120],
@@ -143,15 +158,59 @@ def _row(dl: lib.DeadLetter, now: datetime) -> tuple[object, ...]:
     )
 
 
+class Runbooks:
+    """The runbook links of the dead letters shown, each once, printed under the table.
+
+    At most :data:`RUNBOOK_LINES` distinct links are kept (``show --limit 0`` keeps
+    its memory flat); the rest are only counted.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, set[str]]] = {}
+        self._more = 0
+
+    def add(self, dl: lib.DeadLetter) -> None:
+        """Note the runbook of ``dl``, if it has one."""
+        if dl.runbook is None:
+            return
+        entry = self._seen.get(dl.runbook)
+        if entry is None:
+            if len(self._seen) >= RUNBOOK_LINES:
+                self._more += 1
+                return
+            entry = self._seen[dl.runbook] = (0, set())
+        count, codes = entry
+        if dl.error_code is not None and len(codes) < RUNBOOK_LINES:
+            codes.add(dl.error_code)
+        self._seen[dl.runbook] = (count + 1, codes)
+
+    def print(self) -> None:
+        """``runbooks:`` then one line per link: how many shown dead letters point to it."""
+        if not self._seen:
+            return
+        click.echo("runbooks:")
+        for link, (count, codes) in self._seen.items():
+            named = f"; {', '.join(sorted(codes))}" if codes else ""
+            click.echo(term(f"  {link}  ({count} shown{named})"))
+        if self._more:
+            click.echo(term(f"  ... and {self._more} shown dead letters with other runbooks"))
+
+
+#: Distinct runbook links listed under the ``show`` table.
+RUNBOOK_LINES = 20
+
+
 class StreamingTable:
     """The ``show`` table printed row by row with fixed column widths, keeping nothing.
 
-    For ``show --limit 0``: memory stays flat however many dead letters are listed.
+    For ``show --limit 0``: memory stays flat however many dead letters are listed
+    (only the distinct runbook links, at most :data:`RUNBOOK_LINES`, are kept).
     """
 
     def __init__(self) -> None:
         self.shown = 0
         self._now = datetime.now(UTC)
+        self._runbooks = Runbooks()
         self._line(_SHOW_COLUMNS)
 
     def _line(self, row: tuple[object, ...]) -> None:
@@ -165,11 +224,13 @@ class StreamingTable:
     def __call__(self, dl: lib.DeadLetter) -> None:
         """Print one dead letter."""
         self._line(_row(dl, self._now))
+        self._runbooks.add(dl)
         self.shown += 1
 
     def footer(self, report: lib.ScanReport) -> None:
-        """The last line: how many were shown."""
+        """The last lines: how many were shown, then their runbooks."""
         click.echo(term(f"{self.shown} shown of {report.depth} dead letters in {report.queue}"))
+        self._runbooks.print()
 
 
 def group_record(group: lib.Group) -> dict[str, Any]:
@@ -180,6 +241,8 @@ def group_record(group: lib.Group) -> dict[str, Any]:
         "error_type": group.key.error_type,
         "handler": group.key.handler,
         "fingerprint": group.key.fingerprint,
+        "error_code": group.key.error_code,
+        "runbook": group.runbook,
         "pattern": group.pattern,
         "frame": group.frame,
         "first_seen": group.first_seen.isoformat() if group.first_seen else None,
@@ -201,11 +264,13 @@ def print_stats(aggregate: lib.Stats, report: lib.ScanReport, as_json: bool) -> 
             group.key.reason,
             group.key.error_type,
             group.key.handler,
+            group.key.error_code or "-",
             when(group.first_seen),
             when(group.last_seen),
             group.sample_message_id or "-",
             f"[{group.key.fingerprint}] {group.pattern}"
-            + (f" @ {group.frame}" if group.frame else ""),
+            + (f" @ {group.frame}" if group.frame else "")
+            + (f" runbook: {group.runbook}" if group.runbook else ""),
         )
         for group in groups
     ]
@@ -217,7 +282,19 @@ def print_stats(aggregate: lib.Stats, report: lib.ScanReport, as_json: bool) -> 
         )
     )
     _print_table(
-        ("COUNT", "REASON", "ERROR TYPE", "HANDLER", "FIRST", "LAST", "SAMPLE ID", "KIND"), rows, ""
+        (
+            "COUNT",
+            "REASON",
+            "ERROR TYPE",
+            "HANDLER",
+            "ERROR CODE",
+            "FIRST",
+            "LAST",
+            "SAMPLE ID",
+            "KIND",
+        ),
+        rows,
+        "",
     )
     if lib.OTHER_KEY in aggregate.groups:
         warn(

@@ -6,12 +6,15 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from qworker.dlq.records import KNOWN_REASONS, UNKNOWN, DeadLetter, parse_time
+from qworker.dlq.records import ERROR_CODE, KNOWN_REASONS, UNKNOWN, DeadLetter, parse_time
 from qworker.errors import FilterError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _RELATIVE = re.compile(r"(?:\d{1,9}[smhdw])+")
 _PART = re.compile(r"(\d+)([smhdw])")
+#: ``--fingerprint``: a prefix of a 12-character fingerprint, at least this long.
+FINGERPRINT_PREFIX = 6
+_FINGERPRINT_PREFIX = re.compile(rf"[0-9a-f]{{{FINGERPRINT_PREFIX},12}}")
 
 
 def parse_when(text: str, now: datetime) -> datetime:
@@ -45,6 +48,10 @@ class Filter:
     - ``since``/``until``: the failure time (``x-qworker-last-failure-at``, else the
       ``x-death`` time, else the message timestamp) lies in ``[since, until]``;
       a message without any time never matches a time filter.
+    - ``fingerprint``: a prefix (6 to 12 hex characters, any case) of the failure
+      group's fingerprint (:attr:`DeadLetter.fingerprint`: ``x-qworker-fingerprint``,
+      or computed the same way), as ``qworker dlq stats`` shows it.
+    - ``error_code``: exact (``x-qworker-error-code``, case-sensitive).
     """
 
     error_type: str | None = None
@@ -54,6 +61,8 @@ class Filter:
     grep: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    fingerprint: str | None = None
+    error_code: str | None = None
 
     @classmethod
     def parse(
@@ -66,6 +75,8 @@ class Filter:
         grep: str | None = None,
         since: str | None = None,
         until: str | None = None,
+        fingerprint: str | None = None,
+        error_code: str | None = None,
         now: datetime | None = None,
     ) -> Filter:
         """Build a filter from command-line text; raises :class:`FilterError` on a bad value."""
@@ -75,6 +86,7 @@ class Filter:
             ("--handler", handler),
             ("--message-id", message_id),
             ("--grep", grep),
+            ("--error-code", error_code),
         ):
             if value is not None and not value:
                 raise FilterError(f"{name} needs a non-empty value")
@@ -82,11 +94,26 @@ class Filter:
             raise FilterError(
                 f"unknown reason {reason!r}; one of: {', '.join((*KNOWN_REASONS, UNKNOWN))}"
             )
+        if error_code is not None and not ERROR_CODE.fullmatch(error_code):
+            raise FilterError(
+                f"--error-code {error_code[:80]!r} cannot match: error codes are 1 to 64 "
+                "letters, digits and _.:-"
+            )
         start = parse_when(since, now) if since is not None else None
         end = parse_when(until, now) if until is not None else None
         if start is not None and end is not None and start > end:
             raise FilterError("--since is later than --until: nothing can match")
-        return cls(error_type, reason, handler, message_id, grep, start, end)
+        return cls(
+            error_type,
+            reason,
+            handler,
+            message_id,
+            grep,
+            start,
+            end,
+            parse_fingerprint(fingerprint) if fingerprint is not None else None,
+            error_code,
+        )
 
     @property
     def empty(self) -> bool:
@@ -98,6 +125,10 @@ class Filter:
         if self.reason is not None and dl.reason != self.reason:
             return False
         if self.message_id is not None and dl.message_id != self.message_id:
+            return False
+        if self.fingerprint is not None and not dl.fingerprint.startswith(self.fingerprint):
+            return False
+        if self.error_code is not None and dl.error_code != self.error_code:
             return False
         if self.error_type is not None and not _dotted_match(dl.error_type, self.error_type, "."):
             return False
@@ -115,6 +146,21 @@ class Filter:
         if self.since is not None and dl.failed_at < self.since:
             return False
         return self.until is None or dl.failed_at <= self.until
+
+
+def parse_fingerprint(text: str) -> str:
+    """A ``--fingerprint`` value, lowercased: 6 to 12 hex characters.
+
+    Raises :class:`FilterError` for anything else (a shorter prefix would select
+    unrelated groups by chance).
+    """
+    prefix = text.strip().lower()
+    if not _FINGERPRINT_PREFIX.fullmatch(prefix):
+        raise FilterError(
+            f"--fingerprint {text[:80]!r}: give at least {FINGERPRINT_PREFIX} (at most 12) "
+            "hex characters of a fingerprint, as `qworker dlq stats` shows it"
+        )
+    return prefix
 
 
 def _dotted_match(value: str | None, wanted: str, separator: str) -> bool:

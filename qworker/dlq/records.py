@@ -6,13 +6,15 @@ forged, of the wrong type or huge, and every reader falls back to a safe value.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from qworker import classify, failures
 from qworker import headers as h
+from qworker.fingerprint import fingerprint, normalise, top_frame
 from qworker.redact import escape_control
 from qworker.topology import DLQ_SUFFIX
 
@@ -24,6 +26,12 @@ UNKNOWN = "unknown"
 #: Delivery metadata a quorum queue adds; not part of the message, dropped on replay.
 DELIVERY_COUNT = "x-delivery-count"
 _MAX_QUEUE_BYTES = 255
+#: ``x-qworker-fingerprint`` as the worker writes it: 12 lowercase hex characters.
+_FINGERPRINT = re.compile(r"[0-9a-f]{12}")
+#: ``x-qworker-error-code`` as :func:`qworker.failures.error_code` accepts it.
+ERROR_CODE = re.compile(rf"[A-Za-z0-9_.:-]{{1,{failures.CODE_LIMIT}}}")
+#: ``x-qworker-runbook``: a link, capped like the worker caps it.
+RUNBOOK_LIMIT = 4 * h.NAME_LIMIT
 
 #: The AMQP basic properties kept by the tool, as (name, type) in wire order.
 PROPERTY_TYPES: dict[str, type] = {
@@ -50,6 +58,17 @@ class DeadLetter:
     ``headers`` the headers exactly as delivered. ``from_broker`` is true for a
     message RabbitMQ dead-lettered itself (``x-death`` only, no qworker failure
     headers); its ``reason`` then comes from ``x-death``.
+
+    ``fingerprint`` is the failure group (12 hex characters): the worker's
+    ``x-qworker-fingerprint`` when it is well formed, else computed from the failure
+    headers with the worker's algorithm (:func:`qworker.fingerprint.of_failure`), so
+    that older dead letters land in the same groups; for a broker dead letter it is
+    computed from the broker's reason (see :func:`kind`). ``error_code``
+    (``x-qworker-error-code``, only when it looks like a code) and ``runbook``
+    (``x-qworker-runbook``) are read from qworker failure copies only: on a broker
+    dead letter such headers can only come from the producer, and are ignored here.
+    Every text is producer-controllable: print it through
+    :func:`qworker.redact.escape_control`.
     """
 
     queue: str
@@ -67,6 +86,9 @@ class DeadLetter:
     replay_count: int
     from_broker: bool
     death_queue: str | None
+    fingerprint: str
+    error_code: str | None
+    runbook: str | None
 
     def summary_line(self) -> str:
         """The first line of the error message (or of the broker's reason), terminal-safe."""
@@ -76,6 +98,27 @@ class DeadLetter:
         else:
             text = self.error_message.split("\n", 1)[0]
         return escape_control(text)
+
+
+def kind(dl: DeadLetter) -> tuple[str, str]:
+    """What the failure of ``dl`` looks like: its normalised message and its top frame.
+
+    For a broker dead letter, the normalised :meth:`DeadLetter.summary_line` and no frame.
+    """
+    if dl.from_broker:
+        return normalise(dl.summary_line()), ""
+    return normalise(dl.error_message), top_frame(dl.traceback)
+
+
+def computed_fingerprint(dl: DeadLetter) -> str:
+    """The fingerprint of ``dl`` computed from its headers, whatever its fingerprint header.
+
+    The worker's algorithm (:func:`qworker.fingerprint.of_failure` on the error type,
+    message and traceback as written to the headers); a dead letter without an error
+    type counts as type ``-``.
+    """
+    pattern, frame = kind(dl)
+    return fingerprint(dl.error_type or "-", pattern, frame)
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -123,7 +166,9 @@ def dead_letter(
     if failed_at is None:
         failed_at = parse_time(properties.get("timestamp"))
     message_id = properties.get("message_id")
-    return DeadLetter(
+    written = None if from_broker else h.read_str(headers, h.FINGERPRINT, 64)
+    code = None if from_broker else h.read_str(headers, h.ERROR_CODE, 64)
+    dl = DeadLetter(
         queue=queue,
         body=body,
         properties=properties,
@@ -139,7 +184,13 @@ def dead_letter(
         replay_count=h.read_int(headers, h.REPLAY_COUNT),
         from_broker=from_broker,
         death_queue=h.read_str(death, "queue") if death is not None else None,
+        fingerprint=written if written is not None and _FINGERPRINT.fullmatch(written) else "",
+        error_code=code if code is not None and ERROR_CODE.fullmatch(code) else None,
+        runbook=None if from_broker else h.read_str(headers, h.RUNBOOK, RUNBOOK_LIMIT) or None,
     )
+    if not dl.fingerprint:  # an older dead letter, a broker one, or a garbled header
+        dl = replace(dl, fingerprint=computed_fingerprint(dl))
+    return dl
 
 
 def properties_of(raw: Any) -> dict[str, Any]:

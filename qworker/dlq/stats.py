@@ -1,8 +1,11 @@
 """Grouping dead letters: streaming aggregation by failure kind. Pure functions.
 
-Two failures belong together when they share reason, error type, handler and
-fingerprint (see :mod:`qworker.fingerprint`). :class:`Stats` keeps at most
-:data:`MAX_GROUPS` groups.
+Two failures belong together when they share reason, error type, handler, error
+code and fingerprint (see :mod:`qworker.fingerprint`). The fingerprint is the
+worker's ``x-qworker-fingerprint`` when the dead letter has one, else the same
+algorithm computed from its headers (:attr:`qworker.dlq.records.DeadLetter.fingerprint`),
+so a group's id is always the one written on its messages. :class:`Stats` keeps at
+most :data:`MAX_GROUPS` groups.
 """
 
 from __future__ import annotations
@@ -11,8 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from qworker.dlq.records import DeadLetter
-from qworker.fingerprint import fingerprint, normalise, top_frame
+from qworker.dlq.records import DeadLetter, kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +25,7 @@ class GroupKey:
     error_type: str
     handler: str
     fingerprint: str
+    error_code: str | None = None
 
 
 @dataclass(slots=True)
@@ -36,12 +39,23 @@ class Group:
     first_seen: datetime | None = None
     last_seen: datetime | None = None
     sample_message_id: str | None = None
+    runbook: str | None = None
+    """The runbook link of the group's latest failure that has one (``x-qworker-runbook``)."""
+    _runbook_at: datetime | None = None
 
     def add(self, dl: DeadLetter) -> None:
         """Count ``dl`` in this group."""
         self.count += 1
         if self.sample_message_id is None:
             self.sample_message_id = dl.message_id
+        if dl.runbook is not None and (
+            self.runbook is None
+            or (
+                dl.failed_at is not None
+                and (self._runbook_at is None or dl.failed_at > self._runbook_at)
+            )
+        ):
+            self.runbook, self._runbook_at = dl.runbook, dl.failed_at
         if dl.failed_at is not None:
             if self.first_seen is None or dl.failed_at < self.first_seen:
                 self.first_seen = dl.failed_at
@@ -50,16 +64,13 @@ class Group:
 
 
 def describe(dl: DeadLetter) -> tuple[GroupKey, str, str]:
-    """The group key of ``dl``, its normalised message and its top frame."""
-    if dl.from_broker:
-        pattern = normalise(dl.summary_line())
-        frame = ""
-    else:
-        pattern = normalise(dl.error_message)
-        frame = top_frame(dl.traceback)
-    error_type = dl.error_type or "-"
+    """The group key of ``dl``, its normalised message and its top frame.
+
+    The key's fingerprint is ``dl.fingerprint``: the header when present, else computed.
+    """
+    pattern, frame = kind(dl)
     key = GroupKey(
-        dl.reason, error_type, dl.handler or "-", fingerprint(error_type, pattern, frame)
+        dl.reason, dl.error_type or "-", dl.handler or "-", dl.fingerprint, dl.error_code
     )
     return key, pattern, frame
 
@@ -69,7 +80,7 @@ def describe(dl: DeadLetter) -> tuple[GroupKey, str, str]:
 #: message unique; memory must not follow).
 MAX_GROUPS = 1000
 OTHER = "other"
-OTHER_KEY = GroupKey("-", "-", "-", OTHER)
+OTHER_KEY = GroupKey("-", "-", "-", OTHER, None)
 OTHER_ERRORS = "(other error types)"
 
 
@@ -116,4 +127,14 @@ class Stats:
 
     def ranked(self) -> list[Group]:
         """Groups, largest first (ties in fingerprint order, so the output is stable)."""
-        return sorted(self.groups.values(), key=lambda g: (-g.count, g.key.fingerprint))
+        return sorted(
+            self.groups.values(),
+            key=lambda g: (
+                -g.count,
+                g.key.fingerprint,
+                g.key.reason,
+                g.key.error_type,
+                g.key.handler,
+                g.key.error_code or "",
+            ),
+        )
