@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractConnection
@@ -29,22 +30,25 @@ from qworker.classify import Classification, Classifier, Decision, classify, dec
 from qworker.context import PublishFunc
 from qworker.delivery import Delivery
 from qworker.events import CircuitState, Observer, OutcomeKind
+from qworker.exclusion import Exclusion
 from qworker.failures import ErrorInfo, error_type_name
 from qworker.gate import CircuitControl, Gate
 from qworker.handler import Handler
 from qworker.publish import ConfirmedPublisher
 from qworker.reporting import Reporter
 from qworker.runner import Runner
-from qworker.topology import declare, retry_queue
+from qworker.topology import declare, quarantine_name, retry_queue
 from qworker.verdict import (
     RETURNED_ON_STOP,
     Ack,
     Fallback,
     Move,
+    Quarantine,
     Return,
     Route,
     Run,
     Verdict,
+    admit,
     judge,
     wants_fallback,
 )
@@ -80,12 +84,18 @@ class Policy:
 class Consumer:
     """Serves the deliveries of one handler's queue for the lifetime of a worker.
 
+    A handler has two consumers: one of its work queue, and one of its quarantine
+    (``quarantine=True``: prefetch 1, one at a time, each delivery run *alone*, see
+    :mod:`qworker.exclusion`), which share ``exclusion``.
+
     Args:
         handler: The handler and its options.
         policy: The app-wide settings.
         publish: What ``ctx.publish`` calls (the app's confirmed publish).
         concurrency: Handlers running at once.
         prefetch: Unacked deliveries the broker sends ahead (at least ``concurrency``).
+        exclusion: Shared with the handler's other consumer: quarantined deliveries run alone.
+        quarantine: Consume the handler's quarantine instead of its work queue.
     """
 
     def __init__(
@@ -96,22 +106,29 @@ class Consumer:
         publish: PublishFunc,
         concurrency: int,
         prefetch: int,
+        exclusion: Exclusion | None = None,
+        quarantine: bool = False,
     ) -> None:
         self.handler = handler
+        self.quarantine = quarantine
+        #: The queue this consumer reads.
+        self.source = quarantine_name(handler.queue) if quarantine else handler.queue
         self._policy = policy
-        self._prefetch = prefetch
-        self._slots = asyncio.Semaphore(concurrency)
+        self._prefetch = 1 if quarantine else prefetch
+        self._slots = asyncio.Semaphore(1 if quarantine else concurrency)
+        self._exclusion = exclusion or Exclusion()
         self._tiers = set(handler.options.retry.tiers())
         self._log = structlog.get_logger("qworker").bind(queue=handler.queue, handler=handler.name)
         self._runner = Runner(handler, self._decide, publish, self._log)
         self._report = Reporter(handler, policy.observers, self._log)
         # Breaker state outlives channels and reconnects: a dependency is not fixed by a
-        # new connection, and handlers of an old channel report to the same control.
+        # new connection, and handlers of an old channel report to the same control. The
+        # quarantine has none: it runs one delivery at a time, each a suspect of its own.
         self._circuit = (
             CircuitControl(
                 handler.options.breaker, handler.options.fallback is not None, self._report.circuit
             )
-            if handler.options.breaker is not None
+            if handler.options.breaker is not None and not quarantine
             else None
         )
         self._moves = Backoff(first=0.5, ceiling=30.0)
@@ -153,7 +170,7 @@ class Consumer:
     async def _open(self, connection: AbstractConnection) -> None:
         channel = await connection.channel(publisher_confirms=True)
         publisher = ConfirmedPublisher(channel, self._policy.confirm_timeout)
-        gate = Gate(channel, publisher, self.handler.queue, self._prefetch, self.on_message)
+        gate = Gate(channel, publisher, self.source, self._prefetch, self.on_message)
         channel.close_callbacks.add(lambda _channel, exc: self._closed(gate, connection, exc))
         self._gate = gate
         if self._circuit is not None:
@@ -218,7 +235,20 @@ class Consumer:
             self.in_flight += 1
             self._report.in_flight(self.in_flight)
             try:
-                route, run = await self._serve(message)
+                admission = admit(message.redelivered, self.handler, message.headers)
+                if isinstance(admission, Quarantine):
+                    await self.apply(message, gate, admission)
+                    return
+                route: Route
+                run: Run | None
+                if admission is not None:  # poison: judged, never run
+                    route, run = Route.PRIMARY, admission
+                elif self.quarantine:
+                    async with self._exclusion.alone():
+                        route, run = await self._serve(message)
+                else:
+                    async with self._exclusion.shared:
+                        route, run = await self._serve(message)
                 verdict = judge(
                     route,
                     run,
@@ -323,6 +353,10 @@ class Consumer:
         elif isinstance(verdict, Return):
             if await self._settle(message, "reject" if verdict.counted else "nack"):
                 self._log.debug(verdict.event, message_id=message.message_id)
+        elif isinstance(verdict, Quarantine):
+            log = self._log.bind(message_id=message.message_id, crashes=verdict.crashes)
+            if await self._copy(message, gate, verdict.target, verdict.headers, None, log):
+                log.warning("message.quarantined", target=verdict.target)
         else:
             assert run is not None
             await self._move(message, gate, verdict, run)
@@ -343,28 +377,58 @@ class Consumer:
             error_message=move.error.message,
             classification=move.decision.classification.value,
         )
-        if not message.channel_open:
-            log.warning("message.settle_lost", action="move", note=_REDELIVERED)
-            return
-        properties = message.copy_properties(move.headers, move.expiration_ms)
-        try:
-            if move.tier_ms is not None and move.tier_ms not in self._tiers:
+        if move.tier_ms is not None and move.tier_ms not in self._tiers:
+            try:
                 await self._declare_tier(gate, move.tier_ms)
-            await gate.publisher.publish_body(message.body, properties, move.target, patient=True)
-        except Exception as exc:  # PublishFailed, or the tier could not be declared
-            pause = self._moves.failed(time.monotonic())
-            log.error("message.move_failed", target=move.target, error=str(exc), backoff=pause)
-            await asyncio.sleep(pause)
-            await self.apply(message, gate, RETURNED_AFTER_FAILED_MOVE)
+            except Exception as exc:
+                await self._copy_failed(message, gate, move.target, exc, log)
+                return
+        if not await self._copy(message, gate, move.target, move.headers, move.expiration_ms, log):
             return
-        self._moves.succeeded()
-        await self._settle(message, "ack")
         reason = move.decision.reason.value if move.decision.reason else None
         if move.kind is OutcomeKind.RETRIED:
             log.warning("message.retry_scheduled", delay=move.wait_seconds, tier=move.target)
         else:
             log.error("message.dead_lettered", reason=reason, dlq=move.target)
         self._report.moved(message, run, move)
+
+    async def _copy(
+        self,
+        message: Delivery,
+        gate: Gate,
+        target: str,
+        headers: dict[str, Any],
+        expiration_ms: int | None,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> bool:
+        """Publish a copy with ``headers`` to ``target`` on the delivery's channel, wait for the
+        confirm, then ack the original; True when done (False: it went back, or was lost)."""
+        if not message.channel_open:
+            log.warning("message.settle_lost", action="move", note=_REDELIVERED)
+            return False
+        properties = message.copy_properties(headers, expiration_ms)
+        try:
+            await gate.publisher.publish_body(message.body, properties, target, patient=True)
+        except Exception as exc:  # PublishFailed
+            await self._copy_failed(message, gate, target, exc, log)
+            return False
+        self._moves.succeeded()
+        await self._settle(message, "ack")
+        return True
+
+    async def _copy_failed(
+        self,
+        message: Delivery,
+        gate: Gate,
+        target: str,
+        exc: Exception,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        """Pause the queue (outage back-off), then give the original back, counted."""
+        pause = self._moves.failed(time.monotonic())
+        log.error("message.move_failed", target=target, error=str(exc), backoff=pause)
+        await asyncio.sleep(pause)
+        await self.apply(message, gate, RETURNED_AFTER_FAILED_MOVE)
 
     async def _declare_tier(self, gate: Gate, tier_ms: int) -> None:
         """Declare a tier outside the policy (from ``Retry(delay=...)``) before the first use."""

@@ -23,6 +23,7 @@ class Delivery:
         "exchange",
         "headers",
         "properties",
+        "redelivered",
         "routing_key",
     )
 
@@ -33,6 +34,9 @@ class Delivery:
         self.delivery_tag: int = raw.delivery_tag or 0
         self.exchange: str = raw.exchange or ""
         self.routing_key: str = raw.routing_key or ""
+        #: The broker gave this message out before without an ack: the consumer that had it
+        #: died, lost its channel, or gave it back (worker stopping, breaker open).
+        self.redelivered: bool = bool(getattr(raw.delivery, "redelivered", False))
         self._channel: AbstractChannel = raw.channel
 
     @property

@@ -43,6 +43,8 @@ REPLAYED_AT = "x-qworker-replayed-at"
 REPLAY_ID = "x-qworker-replay-id"
 RUNBOOK = "x-qworker-runbook"
 DROPPED_HEADERS = "x-qworker-dropped-headers"
+#: Deliveries of this message that ended without an outcome (the worker died running it).
+CRASHES = "x-qworker-crashes"
 FINGERPRINT = "x-qworker-fingerprint"
 ERROR_CODE = "x-qworker-error-code"
 #: The broker's dead-letter history (``x-death``), merged by (queue, reason), readable for
@@ -65,6 +67,7 @@ FAILURE_HEADERS = frozenset(
         FINGERPRINT,
         ERROR_CODE,
         RUNBOOK,
+        CRASHES,
     }
 )
 
@@ -405,3 +408,17 @@ def fit_frame(
                 break
             fitted[name] = shorter
     return fitted
+
+
+def quarantine_headers(incoming: Mapping[str, Any] | None, crashes: int) -> dict[str, Any]:
+    """The headers of a delivery moved to quarantine after ``crashes`` deliveries without an
+    outcome: everything as it came (qworker's own context included), the crash count set."""
+    kept = {
+        k: v
+        for k, v in (incoming or {}).items()
+        if k not in BROKER_HEADERS and (not k.startswith(PREFIX) or k in NAMES)
+    }
+    if deaths := read_deaths(incoming):
+        kept[DEATHS] = deaths
+    kept[CRASHES] = min(max(crashes, 0), ATTEMPT_LIMIT)
+    return kept

@@ -1,7 +1,8 @@
 """Queue names and arguments for a handler queue, and their idempotent declaration.
 
 For a work queue ``Q``: ``Q`` itself, one ``Q.retry.<tier>`` waiting room per
-delay tier (TTL, then dead-lettered back to ``Q``), and ``Q.dlq``.
+delay tier (TTL, then dead-lettered back to ``Q``), ``Q.quarantine`` (deliveries that came
+back without an outcome, run one at a time: see :mod:`qworker.verdict`), and ``Q.dlq``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ def dlq_name(queue: str) -> str:
     return queue + DLQ_SUFFIX
 
 
+#: A handler queue's quarantine: ``orders`` -> ``orders.quarantine``.
+QUARANTINE_SUFFIX = ".quarantine"
+
+
+def quarantine_name(queue: str) -> str:
+    """The quarantine of ``queue``: where a delivery that came back without an outcome waits
+    to run alone."""
+    return queue + QUARANTINE_SUFFIX
+
+
 def retry_queue_name(queue: str, tier_ms: int) -> str:
     """The waiting room of ``queue`` for ``tier_ms``: ``orders.retry.2s``."""
     return f"{queue}.retry.{tier_name(tier_ms)}"
@@ -55,7 +66,7 @@ class QueueSpec:
     """A queue to declare: its name, its role and its arguments."""
 
     name: str
-    role: Literal["work", "retry", "dlq"]
+    role: Literal["work", "retry", "dlq", "quarantine"]
     arguments: dict[str, Any] = field(default_factory=dict)
 
 
@@ -100,6 +111,24 @@ def dead_letter_queue(queue: str, queue_type: QueueType) -> QueueSpec:
     return QueueSpec(dlq_name(queue), "dlq", args)
 
 
+def quarantine_queue(queue: str, queue_type: QueueType, delivery_limit: int) -> QueueSpec:
+    """The quarantine: consumed one message at a time; the broker's safety net as on ``Q``.
+
+    qworker counts a quarantined message's crashes itself (``x-qworker-crashes``, every
+    queue type) and dead-letters it as poison first; the delivery limit only catches what
+    qworker could not (it is the work queue's, and quorum only).
+    """
+    args: dict[str, Any] = {
+        "x-queue-type": queue_type,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dlq_name(queue),
+        **_at_least_once(queue_type),
+    }
+    if queue_type == "quorum":
+        args["x-delivery-limit"] = delivery_limit
+    return QueueSpec(quarantine_name(queue), "quarantine", args)
+
+
 def queue_specs(
     queue: str, queue_type: QueueType, delivery_limit: int, tiers: list[int]
 ) -> list[QueueSpec]:
@@ -107,6 +136,7 @@ def queue_specs(
     return [
         dead_letter_queue(queue, queue_type),
         work_queue(queue, queue_type, delivery_limit),
+        quarantine_queue(queue, queue_type, delivery_limit),
         *(retry_queue(queue, tier, queue_type) for tier in tiers),
     ]
 

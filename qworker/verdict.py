@@ -21,12 +21,13 @@ from enum import Enum
 from typing import Any
 
 from qworker import headers as h
-from qworker.classify import Action, Decision, Reason
+from qworker.classify import Action, Classification, Decision, Reason
+from qworker.errors import PoisonMessage
 from qworker.events import OutcomeKind
 from qworker.failures import ErrorInfo, Failure
 from qworker.handler import Handler
 from qworker.retry import plan_retry, tier_name
-from qworker.topology import dlq_name, retry_queue_name
+from qworker.topology import dlq_name, quarantine_name, retry_queue_name
 
 #: Dead-letter reasons for which a handler's fallback is tried first.
 FALLBACK_REASONS = frozenset({Reason.RETRIES_EXHAUSTED, Reason.TIMEOUT})
@@ -110,10 +111,56 @@ class Move:
     decision: Decision
 
 
-Verdict = Ack | Return | Move
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """Move the delivery to its handler's quarantine (a confirmed copy, then ack the original).
+
+    It came back without an outcome ``crashes`` times; there it runs alone.
+    """
+
+    target: str
+    headers: dict[str, Any]
+    crashes: int
+
+
+Verdict = Ack | Return | Move | Quarantine
 
 RETURNED_CIRCUIT_OPEN = Return("message.returned_circuit_open", counted=False)
 RETURNED_ON_STOP = Return("message.returned_on_stop", counted=False)
+
+
+def admit(redelivered: bool, handler: Handler, incoming: dict[str, Any]) -> Quarantine | Run | None:
+    """Whether a delivery may run, before anything runs: None to run it.
+
+    A delivery the broker gives out again (``redelivered``) came back without an outcome:
+    the worker that had it died, lost its channel, or gave it back when stopping. Such a
+    delivery goes to the quarantine, where it runs alone, so that a crash points at the
+    message that caused it and not at the ones that were in flight beside it. Its crashes
+    are counted in ``x-qworker-crashes`` (every queue type; quorum counts would also count
+    the siblings). At ``max_deliveries`` it is not run again: the returned :class:`Run`
+    failed with :class:`~qworker.errors.PoisonMessage` (reason ``poison``), for
+    :func:`judge` to turn into its dead letter.
+
+    Args:
+        redelivered: The broker's redelivered flag.
+        handler: The handler (its ``max_deliveries`` and queue).
+        incoming: The delivery's headers, as received (untrusted).
+    """
+    if not redelivered:
+        return None
+    crashes = h.read_int(incoming, h.CRASHES) + 1
+    limit = handler.options.max_deliveries
+    if crashes < limit:
+        return Quarantine(
+            quarantine_name(handler.queue), h.quarantine_headers(incoming, crashes), crashes
+        )
+    poison = PoisonMessage(
+        f"delivered {crashes} times without an outcome (max_deliveries={limit}): the worker "
+        "running it died each time (a crash, an OOM kill, kill -9) or was stopped before it "
+        "finished; not run again"
+    )
+    decision = Decision(Action.DEAD_LETTER, Classification.PERMANENT, Reason.POISON)
+    return Run(h.read_attempt(incoming) + 1, poison, 0.0, decision)
 
 
 def wants_fallback(run: Run, handler: Handler) -> bool:

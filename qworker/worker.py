@@ -17,9 +17,12 @@ from qworker.backoff import Backoff
 from qworker.connection import CONNECT_ERRORS, close_quietly, connect
 from qworker.consumer import Consumer, Policy
 from qworker.errors import ConfigurationError
+from qworker.exclusion import Exclusion
 from qworker.logging import configure_logging
 from qworker.redact import mask_url
+from qworker.supervisor import child_relay, supervised_child
 from qworker.topology import check, declare
+from qworker.watch import DEFAULT_POLL, Watcher, watching
 
 DEFAULT_CONCURRENCY = 10
 DEFAULT_GRACE = 30.0
@@ -36,6 +39,11 @@ class Worker:
     loss the worker reconnects (trying every URL, with backoff), declares again
     and resumes; handlers already running finish, and an ack that can no longer
     be sent is logged (the broker redelivers that message).
+
+    ``dlq_poll``: seconds between two polls of the handlers' DLQs (depth and oldest
+    failure, for :class:`~qworker.metrics.Metrics` and ``dlq_depth`` alerts; 0: never),
+    see :mod:`qworker.watch`. A worker started by a supervisor never polls (the supervisor
+    does) and forwards the outcomes its alert rules need to the supervisor.
     """
 
     def __init__(
@@ -46,9 +54,12 @@ class Worker:
         concurrency: int = DEFAULT_CONCURRENCY,
         prefetch: int | None = None,
         grace: float = DEFAULT_GRACE,
+        dlq_poll: float = DEFAULT_POLL,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if dlq_poll < 0:
+            raise ValueError("dlq_poll must be >= 0")
         self.app = app
         self.handlers = app.select(queues)
         self.queues = [handler.queue for handler in self.handlers]
@@ -64,6 +75,10 @@ class Worker:
         if not structlog.is_configured():
             configure_logging()
         self._log = structlog.get_logger("qworker")
+        # Before the consumers take their copy of the observers: under a supervisor that
+        # evaluates the alert rules, they are suspended here and their outcomes forwarded.
+        self._relay = child_relay(app)
+        self._watcher = None if supervised_child() else Watcher(app, queues, interval=dlq_poll)
         policy = Policy(
             app.classifier,
             app.default,
@@ -72,17 +87,23 @@ class Worker:
             app.confirm_timeout,
             app.runbooks,
         )
-        # One consumer per queue for the worker's lifetime: it re-attaches on every connect.
-        self._consumers = [
-            Consumer(
-                handler,
-                policy=policy,
-                publish=app.publish,
-                concurrency=concurrency,
-                prefetch=self.prefetch,
-            )
-            for handler in self.handlers
-        ]
+        # Two consumers per handler for the worker's lifetime (its work queue and its
+        # quarantine, sharing one Exclusion); they re-attach on every connect.
+        self._consumers: list[Consumer] = []
+        for handler in self.handlers:
+            exclusion = Exclusion()
+            for quarantine in (False, True):
+                self._consumers.append(
+                    Consumer(
+                        handler,
+                        policy=policy,
+                        publish=app.publish,
+                        concurrency=concurrency,
+                        prefetch=self.prefetch,
+                        exclusion=exclusion,
+                        quarantine=quarantine,
+                    )
+                )
         self._connection: AbstractConnection | None = None
         self._rounds = Backoff(first=0.5, ceiling=30.0, jitter=0.5)
 
@@ -93,17 +114,19 @@ class Worker:
     def health(self) -> dict[str, Any]:
         """Liveness and readiness facts for health endpoints.
 
-        ``ready`` means connected with every queue consumed or deliberately
-        paused by an open circuit breaker.
+        ``ready`` means connected with every queue (and its quarantine) consumed or
+        deliberately paused by an open circuit breaker; ``consumers`` counts the work
+        queues consumed.
         """
         connected = self._connection is not None and not self._connection.is_closed
-        attached = sum(c.consuming for c in self._consumers) if connected else 0
+        work = [c for c in self._consumers if not c.quarantine]
+        attached = sum(c.consuming for c in work) if connected else 0
         serving = sum(c.ready for c in self._consumers) if connected else 0
         return {
             "connected": connected,
             "consumers": attached,
             "queues": list(self.queues),
-            "ready": connected and self.ready.is_set() and serving == len(self.queues),
+            "ready": connected and self.ready.is_set() and serving == len(self._consumers),
             "in_flight": self.in_flight,
             "connections": self.connections,
         }
@@ -128,6 +151,10 @@ class Worker:
             concurrency=self.concurrency,
             prefetch=self.prefetch,
         )
+        async with watching(self._watcher):
+            await self._run()
+
+    async def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 connection = await self._connect()
@@ -162,6 +189,8 @@ class Worker:
                 else:
                     self._rounds.succeeded()
         finally:
+            if self._watcher is not None:
+                await asyncio.gather(*(rule.wait(self.grace) for rule in self._watcher.rules))
             await self.app.close()
 
     async def _connect(self) -> AbstractConnection | None:
@@ -193,11 +222,11 @@ class Worker:
                 await consumer.attach(connection)
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 raise ConfigurationError(
-                    f"not allowed to consume queue {consumer.handler.queue!r}: {exc}"
+                    f"not allowed to consume queue {consumer.source!r}: {exc}"
                 ) from None
             except aiormq.exceptions.ChannelNotFoundEntity:
                 raise ConfigurationError(
-                    f"queue {consumer.handler.queue!r} does not exist; declare it "
+                    f"queue {consumer.source!r} does not exist; declare it "
                     "(qworker topology APP shows its arguments) or drop --no-declare"
                 ) from None
 

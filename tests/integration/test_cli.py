@@ -13,7 +13,8 @@ from tests.support.cli import qworker_command, run_cli, subprocess_env
 
 
 def test_topology_prints_every_queue_with_its_arguments_as_json() -> None:
-    """`qworker topology --json` lists the work queue, its DLQ and one queue per retry tier."""
+    """`qworker topology --json` lists the work queue, its DLQ, its quarantine and one queue
+    per retry tier."""
     result = run_cli("topology", "examples.orders.app:app", "--json")
     assert result.returncode == 0, result.stderr
     specs = [json.loads(line) for line in result.stdout.splitlines()]
@@ -21,6 +22,7 @@ def test_topology_prints_every_queue_with_its_arguments_as_json() -> None:
     assert set(names) == {
         "orders.placed",
         "orders.placed.dlq",
+        "orders.placed.quarantine",
         "orders.placed.retry.500ms",
         "orders.placed.retry.1s",
         "orders.placed.retry.2s",

@@ -123,12 +123,14 @@ def test_quorum_dlq_delivery_limit_is_out_of_reach() -> None:
 
 @pytest.mark.parametrize("queue_type", ["quorum", "classic"])
 def test_queue_specs_declare_dlq_first_then_work_then_each_tier(queue_type: QueueType) -> None:
-    """The DLQ exists before the work queue that dead-letters into it; one queue per tier."""
+    """The DLQ exists before the work queue that dead-letters into it; then the quarantine;
+    one queue per tier."""
     tiers = RetryPolicy(max_attempts=8, initial_delay=0.5, max_delay=30).tiers()
     specs = queue_specs("orders", queue_type, DEFAULT_DELIVERY_LIMIT, tiers)
     assert [s.name for s in specs] == [
         "orders.dlq",
         "orders",
+        "orders.quarantine",
         "orders.retry.500ms",
         "orders.retry.1s",
         "orders.retry.2s",
@@ -137,17 +139,21 @@ def test_queue_specs_declare_dlq_first_then_work_then_each_tier(queue_type: Queu
         "orders.retry.16s",
         "orders.retry.30s",
     ]
-    assert [s.role for s in specs] == ["dlq", "work", *["retry"] * 7]
-    assert [s.arguments["x-message-ttl"] for s in specs[2:]] == tiers
+    assert [s.role for s in specs] == ["dlq", "work", "quarantine", *["retry"] * 7]
+    assert [s.arguments["x-message-ttl"] for s in specs[3:]] == tiers
     assert all(s.arguments["x-queue-type"] == queue_type for s in specs)
     names = [s.name for s in specs]
     assert len(set(names)) == len(names)
 
 
 def test_queue_specs_without_retries_have_no_retry_queue() -> None:
-    """max_attempts=1 declares only the DLQ and the work queue."""
+    """max_attempts=1 declares only the DLQ, the work queue and its quarantine."""
     specs = queue_specs("orders", "quorum", 10, RetryPolicy(max_attempts=1).tiers())
-    assert [(s.name, s.role) for s in specs] == [("orders.dlq", "dlq"), ("orders", "work")]
+    assert [(s.name, s.role) for s in specs] == [
+        ("orders.dlq", "dlq"),
+        ("orders", "work"),
+        ("orders.quarantine", "quarantine"),
+    ]
 
 
 def test_every_dead_letter_route_targets_a_declared_queue() -> None:
@@ -166,3 +172,15 @@ def test_specs_do_not_share_argument_dicts() -> None:
     first = work_queue("orders", "quorum", 10)
     second = work_queue("orders", "quorum", 10)
     assert first.arguments is not second.arguments
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+def test_the_quarantine_dead_letters_to_the_dlq_like_the_work_queue(queue_type: QueueType) -> None:
+    """Whatever qworker could not catch in the quarantine, the broker's safety net sends to the
+    DLQ (quorum: the work queue's delivery limit, at-least-once)."""
+    from qworker.topology import quarantine_queue
+
+    spec = quarantine_queue("orders", queue_type, 10)
+    assert spec.name == "orders.quarantine" and spec.role == "quarantine"
+    assert spec.arguments["x-dead-letter-routing-key"] == "orders.dlq"
+    assert ("x-delivery-limit" in spec.arguments) is (queue_type == "quorum")
