@@ -136,7 +136,7 @@ class Consumer:
         self._connection: AbstractConnection | None = None
         self._gate: Gate | None = None
         self._reopening: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Gate] = {}
         self._stopping = False
         self.in_flight = 0
 
@@ -160,8 +160,19 @@ class Consumer:
         self._connection = connection
         await self._open(connection)
 
+    def _cancel_quarantined(self, gate: Gate | None) -> None:
+        """Runs on a dead channel: cancel a quarantined one; others stop counting as running
+        for the quarantine (see :meth:`qworker.exclusion.Exclusion.orphan`)."""
+        for task, came_through in list(self._tasks.items()):
+            if gate is None or came_through is gate:
+                if self.quarantine:
+                    task.cancel()
+                else:
+                    self._exclusion.orphan(task)
+
     def detach(self) -> None:
         """The worker lost the connection: forget it (no channel is reopened on it)."""
+        self._cancel_quarantined(None)
         self._connection = None
         if self._gate is not None and self._circuit is not None:
             self._circuit.detach(self._gate)
@@ -184,8 +195,11 @@ class Consumer:
         """A channel closed: if the broker closed it alone, open another one (with back-off).
 
         Its unacked deliveries go back to the queue (the broker returns them); handlers
-        still running on it finish, and their settlement is logged as lost.
+        still running on it finish, and their settlement is logged as lost. A quarantined
+        delivery is cancelled instead: it runs alone, and would keep every other delivery
+        of its handler waiting for a result nobody can ack (the broker has it back already).
         """
+        self._cancel_quarantined(gate)
         if self._gate is not gate:
             return
         if self._circuit is not None:
@@ -220,8 +234,11 @@ class Consumer:
         lets a running handler finish after a connection loss.
         """
         task = asyncio.create_task(self._guarded(message, gate))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = gate
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
 
     async def _guarded(self, message: Delivery, gate: Gate) -> None:
         async with self._slots:

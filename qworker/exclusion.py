@@ -5,6 +5,10 @@ process meanwhile, so that if the process dies, the quarantined delivery is the 
 was running (and the only one whose crash count grows). Everything else runs *shared*, as
 many at once as the concurrency allows. Waiting ``alone`` requests go first: once one waits,
 no new shared run starts, so a quarantined delivery is not starved by a busy queue.
+
+A shared run whose channel died (:meth:`Exclusion.orphan`) no longer counts: its delivery is
+back in the broker already, and a handler that hangs there must not keep the quarantine (and
+with it the whole handler) waiting until its time limit.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 
 class Exclusion:
@@ -22,14 +27,30 @@ class Exclusion:
     """
 
     def __init__(self) -> None:
-        self._running = 0
+        self._running: set[asyncio.Task[Any]] = set()
+        self._orphans: set[asyncio.Task[Any]] = set()
         self._alone = False
         self._waiting_alone = 0
         self._changed = asyncio.Condition()
+        self._notifying: asyncio.Future[None] | None = None
         self.shared = _Shared(self)
 
     def _blocked(self) -> bool:
         return self._alone or self._waiting_alone > 0
+
+    def _counted(self) -> int:
+        return len(self._running) - len(self._orphans)
+
+    def orphan(self, task: asyncio.Task[Any]) -> None:
+        """``task``'s channel died: its shared run no longer keeps alone runs waiting."""
+        if task in self._running and task not in self._orphans:
+            self._orphans.add(task)
+            if self._waiting_alone and self._counted() == 0:
+                self._notifying = asyncio.ensure_future(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     @contextlib.asynccontextmanager
     async def alone(self) -> AsyncIterator[None]:
@@ -37,7 +58,7 @@ class Exclusion:
         async with self._changed:
             self._waiting_alone += 1
             try:
-                await self._changed.wait_for(lambda: not self._alone and self._running == 0)
+                await self._changed.wait_for(lambda: not self._alone and self._counted() == 0)
             finally:
                 self._waiting_alone -= 1
             self._alone = True
@@ -62,11 +83,15 @@ class _Shared:
         if of._blocked():
             async with of._changed:
                 await of._changed.wait_for(lambda: not of._blocked())
-        of._running += 1
+        task = asyncio.current_task()
+        assert task is not None
+        of._running.add(task)
 
     async def __aexit__(self, *exc_info: object) -> None:
         of = self._of
-        of._running -= 1
-        if of._waiting_alone and of._running == 0:
+        task = asyncio.current_task()
+        of._running.discard(task)
+        of._orphans.discard(task)
+        if of._waiting_alone and of._counted() == 0:
             async with of._changed:
                 of._changed.notify_all()
