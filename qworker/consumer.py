@@ -29,7 +29,7 @@ from qworker.backoff import Backoff
 from qworker.classify import Classification, Classifier, Decision, classify, decide
 from qworker.context import PublishFunc
 from qworker.delivery import Delivery
-from qworker.events import CircuitState, Observer, OutcomeKind
+from qworker.events import CircuitState, Observer, OutcomeKind, severity_of
 from qworker.exclusion import Exclusion
 from qworker.failures import ErrorInfo, error_type_name
 from qworker.gate import CircuitControl, Gate
@@ -282,7 +282,7 @@ class Consumer:
                 raise
             except Exception:
                 # A bug of ours must not kill the consumer nor lose the message.
-                self._log.exception("message.internal_error", message_id=message.message_id)
+                self._log.exception("message.internal_error", **_message_fields(message))
                 await self.apply(message, gate, RETURNED_AFTER_INTERNAL_ERROR)
             finally:
                 self.in_flight -= 1
@@ -321,7 +321,7 @@ class Consumer:
         except Exception as exc:
             self._log.error(
                 "message.fallback_failed",
-                message_id=message.message_id,
+                **_message_fields(message),
                 error=f"{error_type_name(exc)}: {ErrorInfo.from_exception(exc).message}",
             )
             if run.error is None:  # the breaker sent it here
@@ -361,17 +361,16 @@ class Consumer:
         """Carry out ``verdict`` for ``message``, which came through ``gate``."""
         if isinstance(verdict, Ack):
             if await self._settle(message, "ack"):
-                if verdict.event == "message.succeeded":
-                    self._log.debug(verdict.event, message_id=message.message_id)
-                else:
-                    self._log.info(verdict.event, message_id=message.message_id)
+                attempt = run.attempt if run is not None else None
+                level = self._log.debug if verdict.event == "message.succeeded" else self._log.info
+                level(verdict.event, **_message_fields(message), attempt=attempt)
                 if run is not None:
                     self._report.succeeded(message, run)
         elif isinstance(verdict, Return):
             if await self._settle(message, "reject" if verdict.counted else "nack"):
-                self._log.debug(verdict.event, message_id=message.message_id)
+                self._log.debug(verdict.event, **_message_fields(message))
         elif isinstance(verdict, Quarantine):
-            log = self._log.bind(message_id=message.message_id, crashes=verdict.crashes)
+            log = self._log.bind(**_message_fields(message), crashes=verdict.crashes)
             if await self._copy(message, gate, verdict.target, verdict.headers, None, log):
                 log.warning("message.quarantined", target=verdict.target)
         else:
@@ -386,13 +385,17 @@ class Consumer:
         the copy may still be confirmed would duplicate it. A refused or unroutable copy
         pauses the queue (back-off) and gives the original back, counted.
         """
+        reason = move.decision.reason.value if move.decision.reason else None
         log = self._log.bind(
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
+            **_message_fields(message),
             attempt=run.attempt,
             error_type=move.error.error_type,
             error_message=move.error.message,
             classification=move.decision.classification.value,
+            fingerprint=move.error.fingerprint or None,
+            severity=severity_of(move.kind, reason, self.handler.options.severity),
+            error_code=move.error.code,
+            runbook=h.read_str(move.headers, h.RUNBOOK, 1024),
         )
         if move.tier_ms is not None and move.tier_ms not in self._tiers:
             try:
@@ -402,11 +405,16 @@ class Consumer:
                 return
         if not await self._copy(message, gate, move.target, move.headers, move.expiration_ms, log):
             return
-        reason = move.decision.reason.value if move.decision.reason else None
         if move.kind is OutcomeKind.RETRIED:
             log.warning("message.retry_scheduled", delay=move.wait_seconds, tier=move.target)
         else:
-            log.error("message.dead_lettered", reason=reason, dlq=move.target)
+            # The traceback as written to the dead letter: redacted, capped.
+            log.error(
+                "message.dead_lettered",
+                reason=reason,
+                dlq=move.target,
+                stack_trace=move.error.traceback,
+            )
         self._report.moved(message, run, move)
 
     async def _copy(
@@ -469,7 +477,7 @@ class Consumer:
         except Exception as exc:
             self._log.warning(
                 "message.settle_lost",
-                message_id=message.message_id,
+                **_message_fields(message),
                 action=action,
                 error=repr(exc),
                 note=_REDELIVERED,
@@ -513,3 +521,14 @@ class Consumer:
 
 
 _REDELIVERED = "channel closed; the broker will redeliver the message"
+
+
+def _message_fields(message: Delivery) -> dict[str, Any]:
+    """The ids every message event carries (``request_id``: the correlation id, under the
+    name request-tracing tools look for)."""
+    correlation_id = message.correlation_id
+    return {
+        "message_id": message.message_id,
+        "correlation_id": correlation_id,
+        "request_id": correlation_id,
+    }

@@ -144,6 +144,11 @@ class Worker:
         is followed by a back-off pause (0.5 s doubling to 30 s, jittered), so that a
         broker that accepts connections and then drops them is not stormed.
         """
+        # Every event logged from this task and the tasks it starts (connections, consumers,
+        # handlers) names the service and its environment (structlog merges context vars).
+        structlog.contextvars.bind_contextvars(
+            service=self.app.name, environment=self.app.environment
+        )
         self._log.info(
             "worker.starting",
             urls=[mask_url(u) for u in self.app.urls],
@@ -161,7 +166,8 @@ class Worker:
                 if connection is None:
                     break
                 lost = asyncio.Event()
-                connection.close_callbacks.add(_setter(lost))
+                lost_reason: list[BaseException] = []
+                connection.close_callbacks.add(_setter(lost, lost_reason))
                 started = time.monotonic()
                 try:
                     await self._subscribe(connection)
@@ -182,7 +188,12 @@ class Worker:
                 if self._stop.is_set():
                     await self._shutdown(connection)
                     return
-                self._log.warning("worker.connection_lost", reconnecting=True)
+                self._log.warning(
+                    "worker.connection_lost",
+                    reconnecting=True,
+                    reason=mask_url(str(lost_reason[0])) if lost_reason else None,
+                    connected_for=round(time.monotonic() - started, 3),
+                )
                 await self._abandon(connection)
                 if time.monotonic() - started < STABLE_SECONDS:
                     await self._pause(self._rounds.failed(time.monotonic()))
@@ -254,6 +265,14 @@ async def _first_of(*waits: Awaitable[object]) -> None:
             task.cancel()
 
 
-def _setter(event: asyncio.Event) -> Callable[..., None]:
-    """A close callback that sets ``event``."""
-    return lambda *_: event.set()
+def _setter(
+    event: asyncio.Event, reasons: list[BaseException] | None = None
+) -> Callable[..., None]:
+    """A close callback that sets ``event`` (and keeps the close reason in ``reasons``)."""
+
+    def closed(_sender: object = None, exc: BaseException | None = None, *_: object) -> None:
+        if reasons is not None and isinstance(exc, BaseException):
+            reasons.append(exc)
+        event.set()
+
+    return closed

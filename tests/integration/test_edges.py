@@ -262,3 +262,61 @@ asyncio.run(main())
 
 async def _any_payload(payload: dict[str, str]) -> None:
     """A handler for naming the topology."""
+
+
+def test_log_events_carry_service_environment_and_the_message_fields_operators_expect(
+    broker_url: str, queue_name: str, cleanup: list[str]
+) -> None:
+    """Issue 12 point 8: every event names the service and environment; message events carry
+    message_id, correlation_id (and request_id), queue, handler, attempt; a dead letter's
+    event carries severity, error_code, runbook, fingerprint and the redacted stack_trace."""
+    import json
+
+    from tests.support.cli import run_python
+
+    names = App(broker_url)
+    names.handler(queue_name)(_any_payload)
+    cleanup.extend(s.name for s in names.topology())
+    code = f"""
+import asyncio
+from qworker import App, Permanent
+from qworker.logging import configure_logging
+from qworker.testing import running
+
+configure_logging("json", "DEBUG")
+app = App({broker_url!r}, name="billing", runbooks={{"CARD_DECLINED": "https://runbooks/card"}})
+done = asyncio.Event()
+
+@app.handler({queue_name!r})
+async def handle(payload: dict) -> None:
+    if payload["k"] == "bad":
+        done.set()
+        raise Permanent("card declined, token=s3cr3t-value", code="CARD_DECLINED")
+
+async def main() -> None:
+    async with running(app):
+        q = {queue_name!r}
+        await app.publish(q, {{"k": "good"}}, message_id="m-good", correlation_id="c-1")
+        await app.publish(q, {{"k": "bad"}}, message_id="m-bad", correlation_id="c-2")
+        await asyncio.wait_for(done.wait(), 10)
+        await asyncio.sleep(0.5)
+
+asyncio.run(main())
+"""
+    done = run_python(code, env={"QWORKER_ENV": "staging"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert events and all(
+        e.get("service") == "billing" and e.get("environment") == "staging" for e in events
+    ), [e for e in events if e.get("service") != "billing"][:3]
+    (good,) = [e for e in events if e["event"] == "message.succeeded"]
+    assert good["message_id"] == "m-good" and good["correlation_id"] == good["request_id"] == "c-1"
+    assert good["queue"] == queue_name and good["handler"].endswith(":handle")
+    assert good["attempt"] == 1
+    (bad,) = [e for e in events if e["event"] == "message.dead_lettered"]
+    assert bad["message_id"] == "m-bad" and bad["request_id"] == "c-2" and bad["attempt"] == 1
+    assert bad["severity"] == "high" and bad["error_code"] == "CARD_DECLINED"
+    assert bad["runbook"] == "https://runbooks/card"
+    assert len(bad["fingerprint"]) == 12
+    assert "Permanent: card declined" in bad["stack_trace"]
+    assert "s3cr3t-value" not in done.stdout
