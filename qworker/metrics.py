@@ -14,6 +14,10 @@ serves the sum over its children (:func:`render_multiprocess`).
 - ``qworker_handler_seconds{queue,handler}``: histogram of handler run time
 - ``qworker_in_flight{queue}``: gauge, handlers running (summed over live processes)
 - ``qworker_circuit_state{queue}``: gauge, 0 closed, 1 half-open, 2 open (worst live process)
+- ``qworker_dlq_messages{queue}``, ``qworker_dlq_oldest_age_seconds{queue}``: the DLQ of
+  ``queue`` as the poller (:mod:`qworker.watch`) last saw it; the age is computed when
+  scraped from the head's failure time. Under a supervisor only the supervisor polls and
+  serves them (never summed over the children).
 
 Per event the cost is one dict lookup and a few increments: label children are
 bound once per queue/handler (and reason, tier, severity) and cached.
@@ -21,6 +25,7 @@ bound once per queue/handler (and reason, tier, severity) and cached.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -43,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "qworker metrics need prometheus-client: pip install 'qworker[metrics]'"
     ) from exc
 
+from qworker.alerts import DlqObserver, DlqSample
 from qworker.events import CircuitState, Observer, Outcome, OutcomeKind
 
 if TYPE_CHECKING:
@@ -77,7 +83,7 @@ class _Failure:
     """None when the handler never ran (the body could not be decoded)."""
 
 
-class Metrics(Observer):
+class Metrics(Observer, DlqObserver):
     """Counts every outcome, in-flight change and circuit change in Prometheus metrics.
 
     ``app.add_observer(Metrics())`` (or :meth:`attach`, which also creates the
@@ -134,6 +140,8 @@ class Metrics(Observer):
         self._multiprocess = _values.ValueClass is not _values.MutexValue
         self._counts: dict[str, int] = {}
         self._circuits: dict[str, Gauge] = {}
+        self._dlq: dict[str, DlqSample] = {}
+        r.register(dlq_collector(lambda: list(self._dlq.values())))
 
     def attach(self, app: App, queues: Sequence[str] | None = None) -> Metrics:
         """Observe ``app`` and create its queues' series at zero (so rates start from 0)."""
@@ -192,6 +200,10 @@ class Metrics(Observer):
                 counts[queue] = count
                 return
         gauge.set(count)
+
+    def dlq(self, sample: DlqSample) -> None:
+        """Keep the last DLQ sample of ``sample.queue`` (served as the ``qworker_dlq_*`` gauges)."""
+        self._dlq[sample.queue] = sample
 
     def circuit(self, queue: str, handler: str, state: CircuitState) -> None:
         """Set ``qworker_circuit_state{queue}`` (0 closed, 1 half-open, 2 open)."""
@@ -263,6 +275,36 @@ class _SupervisorCollector(Collector):
         yield GaugeMetricFamily(
             "qworker_processes_alive", "Worker processes alive.", value=self._alive()
         )
+
+
+class _DlqCollector(Collector):
+    def __init__(self, samples: Callable[[], Iterable[DlqSample]]) -> None:
+        self._samples = samples
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "qworker_dlq_messages",
+            "Messages in the DLQ of queue (polled).",
+            labels=["queue"],
+        )
+        age = GaugeMetricFamily(
+            "qworker_dlq_oldest_age_seconds",
+            "Seconds since the oldest message of the DLQ of queue failed (polled head; 0: empty).",
+            labels=["queue"],
+        )
+        now = time.time()
+        for sample in self._samples():
+            depth.add_metric([sample.queue], sample.depth)
+            oldest = sample.oldest_age(now)
+            if oldest is not None:
+                age.add_metric([sample.queue], oldest)
+        yield depth
+        yield age
+
+
+def dlq_collector(samples: Callable[[], Iterable[DlqSample]]) -> Collector:
+    """``qworker_dlq_messages`` and ``qworker_dlq_oldest_age_seconds`` from the last samples."""
+    return _DlqCollector(samples)
 
 
 def supervisor_collector(restarts: Callable[[], int], alive: Callable[[], int]) -> Collector:

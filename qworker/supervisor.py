@@ -6,8 +6,12 @@ process group, so a terminal's Ctrl-C reaches the supervisor only and it decides
 
 - **Restarts.** A child that exits while the supervisor is not stopping is started
   again after a backoff of 0.5 s doubling to 30 s (reset once a child has lived 60 s).
-- **Crash loop.** 5 unexpected exits within 60 s stop everything: one line on
-  stderr, exit code 1. A child that dies on every start ends here within seconds.
+- **Crash loop.** 10 unexpected exits within 120 s (``--crash-limit``, ``--crash-window``)
+  stop everything: one line on stderr, exit code 1. The limit is above a handler's
+  ``max_deliveries`` (5) so that a poison message, which kills a worker on each of its
+  deliveries, is dead-lettered as ``poison`` before the fleet stops. Children that die
+  before they were ever ready cannot have been killed by a message: 5 such exits within
+  60 s are a crash loop already (a child that dies on every start ends here within seconds).
 - **Configuration failure.** A child exiting with code 2 or 3 (bad usage, the app
   cannot be imported, its topology conflicts with existing queues) cannot be fixed by
   a restart: everything stops at once, one line on stderr, the child's exit code.
@@ -19,15 +23,25 @@ process group, so a terminal's Ctrl-C reaches the supervisor only and it decides
   while its worker is ready (checked every 0.2 s), and stops itself if the supervisor
   goes away. With ``--metrics-port`` the same directory is the children's
   ``PROMETHEUS_MULTIPROC_DIR``; it is removed when the supervisor exits.
+- **Alerts and the DLQ poller.** With the app (``app=``), the supervisor evaluates its
+  alert rules for all children: each child forwards the outcomes the rules look at as JSON
+  datagrams to the Unix socket ``outcomes.sock`` in that directory
+  (``QWORKER_SUPERVISOR_OUTCOMES``) and suspends its own rules. A child enqueues a small
+  record per outcome (bounded, 10,000) and a loop callback sends batches without blocking;
+  a full socket buffer is retried 50 ms later, a vanished supervisor drops the reports. The
+  supervisor alone polls the DLQs (:mod:`qworker.watch`), so their gauges are not summed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections import deque
@@ -38,14 +52,20 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from qworker.alerts import AlertRule, rules_of
+from qworker.events import Observer, Outcome, OutcomeKind, Severity
 from qworker.health import DEFAULT_HOST, Endpoint, HttpServer, Response, metrics_route
 
 if TYPE_CHECKING:
+    from qworker.app import App
+    from qworker.watch import Watcher
     from qworker.worker import Worker
 
 ENV_DIR = "QWORKER_SUPERVISOR_DIR"
 ENV_PID = "QWORKER_SUPERVISOR_PID"
 ENV_METRICS = "QWORKER_SUPERVISOR_METRICS"
+ENV_OUTCOMES = "QWORKER_SUPERVISOR_OUTCOMES"
+OUTCOMES_SOCKET = "outcomes.sock"
 EXIT_FAILURE = 1
 FATAL_CODES = (2, 3)  # bad usage, app cannot be loaded or topology conflicts: restarts won't help
 CLEAN_CODES = (0, -signal.SIGTERM)  # after a stop; -SIGTERM: stopped before it could drain
@@ -82,8 +102,12 @@ class _Slot:
 class Limits:
     """Restart and crash-loop settings."""
 
-    crash_limit: int = 5
-    crash_window: float = 60.0
+    crash_limit: int = 10
+    """Unexpected exits within ``crash_window`` that stop everything (above max_deliveries)."""
+    crash_window: float = 120.0
+    start_limit: int = 5
+    """Exits of children that were never ready, within ``start_window``, that stop everything."""
+    start_window: float = 60.0
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     stable_after: float = 60.0
@@ -104,10 +128,20 @@ class Supervisor:
     metrics_host: str = DEFAULT_HOST
     metrics_port: int | None = None
     limits: Limits = field(default_factory=Limits)
+    app: App | None = None
+    """The app (imported by the supervisor too): its alert rules and DLQs are served here."""
+    queues: Sequence[str] | None = None
+    dlq_poll: float = 15.0
 
     def __post_init__(self) -> None:
         self._slots = [_Slot(i) for i in range(1, self.processes + 1)]
         self._crashes: deque[float] = deque()
+        self._start_crashes: deque[float] = deque()
+        self._rules: list[AlertRule] = rules_of(self.app.observers) if self.app else []
+        self._inbox: socket.socket | None = None
+        self._watcher: Watcher | None = None
+        #: Outcomes received from children (for tests and facts).
+        self.received = 0
         self._restarts = 0
         self._stopping = asyncio.Event()
         self._fatal: Exit | None = None
@@ -125,14 +159,36 @@ class Supervisor:
             loop.add_signal_handler(sig, self.stop, sig)
         server: HttpServer | None = None
         monitor = asyncio.create_task(self._monitor())
+        watch: asyncio.Task[None] | None = None
         try:
             self._log.info("supervisor.starting", processes=self.processes, pid=os.getpid())
+            self._open_inbox(loop)
+            if self.app is not None:
+                from qworker.watch import Watcher
+
+                self._watcher = Watcher(
+                    self.app,
+                    self.queues,
+                    interval=self.dlq_poll,
+                    export=self.metrics_port is not None,
+                )
+                if self._watcher.needed:
+                    watch = asyncio.create_task(self._watcher.run())
             if self.metrics_port is not None:
                 server = HttpServer(self._routes(), self.metrics_host, self.metrics_port)
                 await server.start()
             await asyncio.gather(*(self._keep(slot) for slot in self._slots))
         finally:
             monitor.cancel()
+            if self._inbox is not None:
+                loop.remove_reader(self._inbox.fileno())
+                self._inbox.close()
+            if self._rules:  # notifications under way get a few seconds
+                await asyncio.gather(*(rule.wait(5.0) for rule in self._rules))
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watch
             if self._killer is not None:
                 self._killer.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -192,17 +248,7 @@ class Supervisor:
                     code,
                 )
                 return
-            now = time.monotonic()
-            self._crashes.append(now)
-            while self._crashes and self._crashes[0] < now - self.limits.crash_window:
-                self._crashes.popleft()
-            if len(self._crashes) >= self.limits.crash_limit:
-                never = "" if self._ever_ready else ", none of them ever ready"
-                self._give_up(
-                    f"crash loop: worker processes exited {len(self._crashes)} times within "
-                    f"{self.limits.crash_window:g}s{never} (last exit code {code}); stopped",
-                    EXIT_FAILURE,
-                )
+            if self._crash_loop(was_ready, code):
                 return
             slot.failures = 1 if uptime >= self.limits.stable_after else slot.failures + 1
             delay = self.limits.backoff(slot.failures)
@@ -210,10 +256,34 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
 
+    def _crash_loop(self, was_ready: bool, code: int) -> bool:
+        """Count an unexpected exit; True (and giving up) when it makes a crash loop."""
+        now, limits = time.monotonic(), self.limits
+        windows = [(self._crashes, limits.crash_limit, limits.crash_window)]
+        if not was_ready:  # a child that never took a message: a start failure
+            windows.append((self._start_crashes, limits.start_limit, limits.start_window))
+        for times, _limit, window in windows:
+            times.append(now)
+            while times and times[0] < now - window:
+                times.popleft()
+        for times, limit, window in windows:
+            if len(times) >= limit:
+                never = "" if self._ever_ready else ", none of them ever ready"
+                self._give_up(
+                    f"crash loop: worker processes exited {len(times)} times within "
+                    f"{window:g}s{never} (last exit code {code}); stopped",
+                    EXIT_FAILURE,
+                )
+                return True
+        return False
+
     async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
         env = dict(self.env)
         env[ENV_DIR] = self._dir
         env[ENV_PID] = str(os.getpid())
+        env.pop(ENV_OUTCOMES, None)
+        if self._inbox is not None:
+            env[ENV_OUTCOMES] = str(Path(self._dir, OUTCOMES_SOCKET))
         if self.metrics_port is not None:
             env["PROMETHEUS_MULTIPROC_DIR"] = self._dir
             env.pop("prometheus_multiproc_dir", None)
@@ -242,6 +312,44 @@ class Supervisor:
             if slot.alive and slot.proc is not None:
                 self._log.error("supervisor.child_killed", slot=slot.index, pid=slot.proc.pid)
                 slot.proc.kill()
+
+    # Outcomes from the children (alert rules evaluated here)
+
+    def _open_inbox(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind ``outcomes.sock`` when rules count outcomes; children send datagrams to it."""
+        if not any(rule.kinds for rule in self._rules):
+            return
+        inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            inbox.bind(str(Path(self._dir, OUTCOMES_SOCKET)))
+        except OSError as exc:  # e.g. a TMPDIR too long for a socket path
+            inbox.close()
+            self._log.warning(
+                "supervisor.alerts_per_process", why="cannot bind outcomes.sock", error=str(exc)
+            )
+            return
+        with contextlib.suppress(OSError):
+            inbox.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        inbox.setblocking(False)
+        loop.add_reader(inbox.fileno(), self._receive)
+        self._inbox = inbox
+
+    def _receive(self) -> None:
+        assert self._inbox is not None
+        for _ in range(256):  # then let the loop breathe; the reader is called again
+            try:
+                data = self._inbox.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            for event in decode_outcomes(data):
+                self.received += 1
+                for rule in self._rules:
+                    try:
+                        rule.outcome(event)
+                    except Exception:
+                        self._log.exception("alert.rule_failed", rule=rule.description)
 
     # Readiness and health
 
@@ -289,14 +397,17 @@ class Supervisor:
             "restarts": self._restarts,
             "stopping": self._stopping.is_set(),
             "children": children,
+            "outcomes_received": self.received,
         }
 
     def _routes(self) -> dict[str, Endpoint]:
-        from qworker.metrics import render_multiprocess, supervisor_collector
+        from qworker.metrics import dlq_collector, render_multiprocess, supervisor_collector
 
         collector = supervisor_collector(
             lambda: self._restarts, lambda: sum(s.alive for s in self._slots)
         )
+        watcher = self._watcher
+        dlqs = dlq_collector(lambda: list(watcher.latest.values()) if watcher else [])
 
         async def healthz() -> Response:
             # Liveness: the supervisor answers. It restarts its children itself; a
@@ -311,7 +422,7 @@ class Supervisor:
         return {
             "/healthz": healthz,
             "/readyz": readyz,
-            "/metrics": metrics_route(lambda: render_multiprocess(self._dir, [collector])),
+            "/metrics": metrics_route(lambda: render_multiprocess(self._dir, [collector, dlqs])),
         }
 
 
@@ -333,6 +444,151 @@ async def supervised(worker: Worker) -> AsyncIterator[None]:
     finally:
         task.cancel()
         _mark(path, False)
+
+
+#: The largest datagram a child sends (a batch of outcome records).
+MAX_DATAGRAM = 64 * 1024
+#: Outcome records per datagram, and queued at most (older ones are dropped beyond).
+BATCH = 32
+MAX_QUEUED = 10_000
+#: Characters of an error message forwarded (the rest is in the DLQ's headers).
+MESSAGE_CHARS = 300
+_FIELDS = {
+    "q": "queue",
+    "h": "handler",
+    "m": "message_id",
+    "t": "error_type",
+    "e": "error_message",
+    "c": "classification",
+    "r": "reason",
+    "i": "tier",
+    "f": "fingerprint",
+    "x": "error_code",
+    "b": "runbook",
+}
+
+
+def encode_outcome(event: Outcome) -> dict[str, Any]:
+    """The small record a child forwards for ``event`` (short keys, capped message)."""
+    record: dict[str, Any] = {"k": event.kind.value, "a": event.attempt, "d": event.duration}
+    if event.severity is not None:
+        record["s"] = event.severity.value
+    for key, name in _FIELDS.items():
+        value = getattr(event, name)
+        if value is not None:
+            record[key] = value[:MESSAGE_CHARS] if key == "e" else value
+    return record
+
+
+def decode_outcomes(data: bytes) -> list[Outcome]:
+    """The outcomes of one datagram; anything malformed is skipped."""
+    try:
+        records = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    events: list[Outcome] = []
+    for record in records if isinstance(records, list) else []:
+        try:
+            fields = {name: record.get(key) for key, name in _FIELDS.items()}
+            if not all(v is None or isinstance(v, str) for v in fields.values()):
+                continue
+            if not isinstance(fields["queue"], str) or not isinstance(fields["handler"], str):
+                continue
+            severity = record.get("s")
+            events.append(
+                Outcome(
+                    kind=OutcomeKind(record["k"]),
+                    attempt=int(record.get("a", 0)),
+                    duration=float(record.get("d", 0.0)),
+                    severity=Severity(severity) if severity is not None else None,
+                    **fields,
+                )
+            )
+        except (AttributeError, KeyError, TypeError, ValueError):
+            continue
+    return events
+
+
+class OutcomeRelay(Observer):
+    """In a supervised child: forwards outcomes of ``kinds`` to the supervisor's socket.
+
+    ``outcome`` only builds a small dict and appends it to a bounded deque; a callback
+    scheduled on the loop sends batches with a non-blocking ``sendto``. A full socket buffer
+    keeps the batch for a retry 50 ms later; a supervisor that is gone (no socket, refused)
+    drops what is queued. Never raises into the consumer.
+    """
+
+    def __init__(self, path: str, kinds: frozenset[OutcomeKind]) -> None:
+        self.path, self.kinds = path, kinds
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.setblocking(False)
+        self._queue: deque[dict[str, Any]] = deque(maxlen=MAX_QUEUED)
+        self._scheduled = False
+        self.sent = 0
+        self.dropped = 0
+        self._warned = False
+        self._log = structlog.get_logger("qworker")
+
+    def outcome(self, event: Outcome) -> None:
+        if event.kind not in self.kinds:
+            return
+        if len(self._queue) == MAX_QUEUED:
+            self.dropped += 1
+        self._queue.append(encode_outcome(event))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        queue = self._queue
+        while queue:
+            batch = [queue.popleft() for _ in range(min(BATCH, len(queue)))]
+            try:
+                self._socket.sendto(json.dumps(batch, separators=(",", ":")).encode(), self.path)
+                self.sent += len(batch)
+            except (BlockingIOError, InterruptedError):  # the supervisor is busy: soon again
+                queue.extendleft(reversed(batch))
+                self._scheduled = True
+                asyncio.get_running_loop().call_later(0.05, self._flush)
+                return
+            except OSError as exc:
+                gone = isinstance(exc, FileNotFoundError | ConnectionRefusedError)
+                lost = len(batch) + (len(queue) if gone else 0)
+                if gone:
+                    queue.clear()
+                self.dropped += lost
+                if not self._warned or exc.errno != errno.ECONNREFUSED:
+                    self._log.warning("alert.outcomes_dropped", count=lost, error=repr(exc)[:200])
+                    self._warned = True
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def child_relay(app: App) -> OutcomeRelay | None:
+    """In a child of a supervisor that evaluates the alert rules: suspend the app's rules
+    and forward their outcomes (idempotent). None elsewhere."""
+    path = os.environ.get(ENV_OUTCOMES)
+    if not path or not os.environ.get(ENV_DIR):
+        return None
+    rules = rules_of(app.observers)
+    for observer in app.observers:
+        if isinstance(observer, OutcomeRelay):
+            return observer
+    kinds = frozenset(kind for rule in rules for kind in rule.kinds)
+    if not kinds:
+        return None
+    for rule in rules:
+        rule.suspended = True
+    relay = OutcomeRelay(path, kinds)
+    app.add_observer(relay)
+    return relay
+
+
+def supervised_child() -> bool:
+    """True in a worker process started by a supervisor."""
+    return bool(os.environ.get(ENV_DIR))
 
 
 def metrics_requested() -> bool:

@@ -108,17 +108,18 @@ async def test_a_worker_that_fails_on_start_stops_the_supervisor(
 async def test_children_that_keep_crashing_stop_the_supervisor(
     worker: WorkerProcess, queue_name: str, amqp: aio_pika.abc.AbstractConnection
 ) -> None:
-    """Messages that kill their worker: restarts with backoff until 5 exits within 60 s,
-    then the supervisor gives up with a 'crash loop' line and exit code 1."""
+    """Messages that kill their worker: restarts with backoff until 10 exits within 120 s (the
+    default crash limit, above max_deliveries), then the supervisor gives up with a 'crash
+    loop' line and exit code 1."""
     worker.launch("--processes", "2")
     worker.wait_log("supervisor.ready")
     await publish_job(amqp, queue_name, "die1", "die")
     await publish_job(amqp, queue_name, "die2", "die")
-    assert worker.wait(timeout=40) == 1, worker.output()
+    assert worker.wait(timeout=90) == 1, worker.output()
     last = worker.err.read_text().strip().splitlines()[-1]
-    assert last.startswith("qworker: error: crash loop: worker processes exited 5 times")
+    assert last.startswith("qworker: error: crash loop: worker processes exited 10 times")
     restarts = worker.events("supervisor.restarting")
-    assert len(worker.events("supervisor.child_exited")) == 5
+    assert len(worker.events("supervisor.child_exited")) == 10
     assert restarts
     for slot in {e["slot"] for e in restarts}:  # slots back off independently
         delays = [e["delay"] for e in restarts if e["slot"] == slot]
