@@ -184,35 +184,45 @@ class App:
         self,
         *,
         notify: Notify,
-        when: Literal["dead_lettered", "retried"] = "dead_lettered",
+        when: Literal["dead_lettered", "retried", "new_fingerprint", "dlq_depth"] = "dead_lettered",
         count: int = 5,
         within: float = 60.0,
         cooldown: float | None = None,
         severity: Literal["critical", "high", "medium", "low"] | None = None,
         queue: str | None = None,
+        above: int | None = None,
     ) -> AlertRule:
-        """Call ``notify(alert)`` when ``count`` outcomes of kind ``when`` (at least ``severity``,
-        on ``queue`` if given) happen within ``within`` seconds; quiet for ``cooldown`` after.
+        """Call ``notify(alert)`` when a rule trips; every notification is also appended to the
+        audit trail (``qworker.audit``, action ``alert``).
+
+        - ``when="dead_lettered"`` / ``"retried"``: ``count`` outcomes of that kind (at least
+          ``severity``, on ``queue`` if given) within ``within`` seconds; quiet for ``cooldown``.
+        - ``when="new_fingerprint"``: once per new kind of failure among dead letters
+          (``Outcome.fingerprint``), remembered across restarts through the audit trail.
+        - ``when="dlq_depth", above=N``: once when a DLQ's depth (polled, see
+          ``qworker run --dlq-poll``) crosses above ``N``; again only after it dropped to ``N``
+          or below and at least ``cooldown`` seconds later (default 300).
+
+        Under ``qworker run --processes N`` rules count the outcomes of every worker process:
+        they run in the supervisor (and so does ``notify``).
 
         Args:
             notify: An async function called with the :class:`~qworker.Alert` (in its own
                 task, with a time limit; it never changes a message's outcome).
-            when: Count dead letters (``"dead_lettered"``) or scheduled retries (``"retried"``).
+            when: What the rule watches (see above).
             count: How many outcomes within ``within`` seconds fire the alert.
             within: The sliding window, in seconds.
-            cooldown: Seconds of quiet after an alert (default: ``within``).
+            cooldown: Seconds of quiet after an alert (default: ``within``; 300 for dlq_depth).
             severity: Count only outcomes at least this severe.
-            queue: Count only outcomes of this queue (default: every queue).
+            queue: Only this queue's outcomes, or its DLQ (default: every queue).
+            above: ``dlq_depth`` only: the depth that must be exceeded.
         """
-        rule = AlertRule(
-            _checked_hook(notify),
-            when=when,
-            count=count,
-            within=within,
-            cooldown=cooldown,
-            severity=severity,
-            queue=queue,
-        )
+        from qworker.alerts import make_rule
+
+        options: dict[str, Any] = {"severity": severity, "queue": queue, "cooldown": cooldown}
+        if when in ("dead_lettered", "retried"):
+            options.update(count=count, within=within)
+        rule = make_rule(_checked_hook(notify), when=when, above=above, **options)
         self.add_observer(rule)
         return rule
 

@@ -67,6 +67,27 @@ from qworker.worker import DEFAULT_CONCURRENCY, DEFAULT_GRACE, Worker
     help="Address the metrics and health server binds (0.0.0.0: every interface).",
 )
 @click.option(
+    "--dlq-poll",
+    type=click.FloatRange(0),
+    default=15.0,
+    show_default=True,
+    help="Seconds between polls of the DLQs (qworker_dlq_* metrics, dlq_depth alerts); 0: off.",
+)
+@click.option(
+    "--crash-limit",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="Supervisor: this many worker exits within --crash-window stop everything.",
+)
+@click.option(
+    "--crash-window",
+    type=click.FloatRange(1),
+    default=120.0,
+    show_default=True,
+    help="Supervisor: the crash-loop window, in seconds.",
+)
+@click.option(
     "--no-declare",
     is_flag=True,
     help="Do not declare queues (for users without configure permission): check that "
@@ -84,13 +105,17 @@ def run(
     processes: int,
     metrics_port: int | None,
     metrics_host: str,
+    dlq_poll: float,
+    crash_limit: int,
+    crash_window: float,
     no_declare: bool,
     url: str | None,
 ) -> None:
     """Run a worker for APP (module:attribute) until SIGTERM or SIGINT.
 
     Supervisor exit codes (--processes above 1): 0 all workers drained after
-    SIGTERM/SIGINT; 1 crash loop (5 exits within 60 s) or an unclean drain; 2 or 3
+    SIGTERM/SIGINT; 1 crash loop (--crash-limit exits within --crash-window; 5 exits
+    of never-ready workers within 60 s) or an unclean drain; 2 or 3
     a worker failed to start with that code (1 for any other start failure).
     """
     from qworker import supervisor
@@ -121,7 +146,16 @@ def run(
         if url:
             env["QWORKER_URL"] = url  # not on the command line, where `ps` shows passwords
         boss = supervisor.Supervisor(
-            command, processes, grace, env, metrics_host=metrics_host, metrics_port=metrics_port
+            command,
+            processes,
+            grace,
+            env,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+            limits=supervisor.Limits(crash_limit=crash_limit, crash_window=crash_window),
+            app=app,
+            queues=selected,
+            dlq_poll=dlq_poll,
         )
         outcome = run_async(boss.run())
         if outcome.error:
@@ -130,7 +164,12 @@ def run(
     observer = Metrics().attach(app, selected) if metrics else None
     try:
         worker = Worker(
-            app, queues=selected, concurrency=concurrency, prefetch=prefetch, grace=grace
+            app,
+            queues=selected,
+            concurrency=concurrency,
+            prefetch=prefetch,
+            grace=grace,
+            dlq_poll=dlq_poll,
         )
     except ConfigurationError as exc:
         fail(str(exc), EXIT_USAGE)
