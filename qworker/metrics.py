@@ -18,6 +18,10 @@ serves the sum over its children (:func:`render_multiprocess`).
   ``queue`` as the poller (:mod:`qworker.watch`) last saw it; the age is computed when
   scraped from the head's failure time. Under a supervisor only the supervisor polls and
   serves them (never summed over the children).
+- ``qworker_mttd_seconds{queue}``, ``qworker_mttr_seconds{queue}``: histograms, one
+  observation per failure group of the DLQ of ``queue`` (time to detect, time to resolve;
+  :mod:`qworker.dlq.mttr`), fed by the poller from the audit trail (:class:`MttrHistograms`);
+  like the DLQ gauges, only the polling process observes them.
 
 Per event the cost is one dict lookup and a few increments: label children are
 bound once per queue/handler (and reason, tier, severity) and cached.
@@ -49,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from qworker.alerts import DlqObserver, DlqSample
+from qworker.dlq.mttr import MttrObserver, Observation
 from qworker.events import CircuitState, Observer, Outcome, OutcomeKind
 
 if TYPE_CHECKING:
@@ -56,6 +61,9 @@ if TYPE_CHECKING:
 
 #: Handler durations, seconds: from 1 ms to the five minutes a slow handler may take.
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+#: MTTD and MTTR, seconds: from a minute to a week.
+MTTR_BUCKETS = (60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400, 3 * 86400, 7 * 86400)
 
 #: ``qworker_circuit_state`` values.
 CIRCUIT_VALUES = {CircuitState.CLOSED: 0, CircuitState.HALF_OPEN: 1, CircuitState.OPEN: 2}
@@ -83,7 +91,41 @@ class _Failure:
     """None when the handler never ran (the body could not be decoded)."""
 
 
-class Metrics(Observer, DlqObserver):
+class MttrHistograms(MttrObserver):
+    """``qworker_mttd_seconds`` and ``qworker_mttr_seconds`` (label ``queue``), in ``registry``
+    (a new one by default: then :attr:`registry` is a collector a supervisor can serve)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.mttd = Histogram(
+            "qworker_mttd_seconds",
+            "Failure groups of the DLQ of queue: first failure to first alert (once per group).",
+            ["queue"],
+            buckets=MTTR_BUCKETS,
+            registry=self.registry,
+        )
+        self.mttr = Histogram(
+            "qworker_mttr_seconds",
+            "Failure groups of the DLQ of queue: first failure to the replay that resolved it "
+            "(once per group, when the replay has not come back within the window).",
+            ["queue"],
+            buckets=MTTR_BUCKETS,
+            registry=self.registry,
+        )
+
+    def mttr_prepare(self, queues: Iterable[str]) -> None:
+        """Create the series of ``queues`` at zero (the first observation then counts in rates)."""
+        for queue in queues:
+            self.mttd.labels(queue)
+            self.mttr.labels(queue)
+
+    def mttr_observed(self, observation: Observation) -> None:
+        """Observe one group's MTTD or MTTR."""
+        histogram = self.mttd if observation.kind == "mttd" else self.mttr
+        histogram.labels(observation.queue).observe(observation.seconds)
+
+
+class Metrics(Observer, DlqObserver, MttrObserver):
     """Counts every outcome, in-flight change and circuit change in Prometheus metrics.
 
     ``app.add_observer(Metrics())`` (or :meth:`attach`, which also creates the
@@ -142,6 +184,7 @@ class Metrics(Observer, DlqObserver):
         self._circuits: dict[str, Gauge] = {}
         self._dlq: dict[str, DlqSample] = {}
         r.register(dlq_collector(lambda: list(self._dlq.values())))
+        self.durations = MttrHistograms(r)
 
     def attach(self, app: App, queues: Sequence[str] | None = None) -> Metrics:
         """Observe ``app`` and create its queues' series at zero (so rates start from 0)."""
@@ -204,6 +247,14 @@ class Metrics(Observer, DlqObserver):
     def dlq(self, sample: DlqSample) -> None:
         """Keep the last DLQ sample of ``sample.queue`` (served as the ``qworker_dlq_*`` gauges)."""
         self._dlq[sample.queue] = sample
+
+    def mttr_prepare(self, queues: Iterable[str]) -> None:
+        """The poller tracks ``queues``: their MTTD/MTTR series start at zero."""
+        self.durations.mttr_prepare(queues)
+
+    def mttr_observed(self, observation: Observation) -> None:
+        """Observe one failure group's MTTD or MTTR (``qworker_mttd_seconds`` / ``_mttr_``)."""
+        self.durations.mttr_observed(observation)
 
     def circuit(self, queue: str, handler: str, state: CircuitState) -> None:
         """Set ``qworker_circuit_state{queue}`` (0 closed, 1 half-open, 2 open)."""

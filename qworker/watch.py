@@ -30,6 +30,15 @@ What one sample costs, per DLQ:
 The watcher has its own connection (``<app name>-watch``, opened on first use). It also
 appends the audit records of alerts (:meth:`Watcher.audit`) and seeds
 ``new_fingerprint`` rules from the audit trail when it starts.
+
+**MTTD and MTTR.** When an :class:`~qworker.dlq.mttr.MttrObserver` listens (a
+:class:`~qworker.metrics.Metrics`: the ``qworker_mttd_seconds`` / ``qworker_mttr_seconds``
+histograms), the watcher also tails the audit stream: one stream consumer on its
+connection, started at the last :data:`REMEMBER_DAYS` days and kept open, so each record
+crosses the network once (after a reconnection it resumes after the last offset read). The
+records of its DLQs are kept in an :class:`MttrTracker` (bounded), which after each poll says
+which groups' MTTD or MTTR became known (:func:`qworker.dlq.mttr.groups`, recomputed only
+when a record arrived or a resolution came due), each once.
 """
 
 from __future__ import annotations
@@ -38,12 +47,13 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import aiormq
 import structlog
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from qworker.alerts import (
     NEW_FINGERPRINT,
@@ -56,6 +66,7 @@ from qworker.alerts import (
 from qworker.app import App
 from qworker.connection import close_quietly, connect_once
 from qworker.dlq import audit
+from qworker.dlq.mttr import COME_BACK_WINDOW, MttrObserver, Observation, concerns, groups
 from qworker.dlq.probes import (
     FALLBACK_COUNT,
     MIN_LIMIT,
@@ -85,6 +96,10 @@ CHECK_EVERY = 600.0
 REMEMBER_DAYS = 30
 #: Seconds the seeding of ``new_fingerprint`` rules may take before they decide without it.
 SEED_TIMEOUT = 60.0
+#: The MTTD/MTTR tracker keeps at most this many audit records (the newest).
+MTTR_RECORDS = 10_000
+#: ... and at most this many fingerprints named in them (each record names up to 1000).
+MTTR_FINGERPRINTS = 200_000
 #: The environment variable with the management API's URL.
 ENV_MANAGEMENT = "QWORKER_MANAGEMENT_URL"
 
@@ -104,6 +119,125 @@ class _Dlq:
     peeks: int = 0
 
 
+class MttrTracker:
+    """Pure: the audit records of some DLQs in, each group's MTTD and MTTR out, once.
+
+    Args:
+        dlqs: The DLQs followed, each with its work queue (the ``queue`` label). Records
+            that concern none of them (:func:`qworker.dlq.mttr.concerns`) are not kept.
+        window: :data:`~qworker.dlq.mttr.COME_BACK_WINDOW`: a resolution is observed once
+            its replay is older than this without having come back.
+        keep: Records older than this are dropped.
+        limit: At most this many records are kept (the oldest are dropped first).
+        fingerprints: At most this many fingerprints named in the kept records (``fingerprints``
+            plus ``first_failures``); the oldest records are dropped first.
+
+    A group's **MTTD** is observed when :func:`~qworker.dlq.mttr.groups` first gives it one
+    (an alert record and a first failure known); its **MTTR** when the replay that resolved
+    it is older than ``window`` and no record says it came back. Observed fingerprints are
+    remembered (per kind) while records of the group are kept, so nothing is observed twice;
+    memory is bounded by the records kept (a group whose records all aged out is forgotten).
+    :meth:`baseline` marks everything known (before the watcher started) as observed.
+    """
+
+    def __init__(
+        self,
+        dlqs: Mapping[str, str],
+        *,
+        window: timedelta = COME_BACK_WINDOW,
+        keep: timedelta = timedelta(days=REMEMBER_DAYS),
+        limit: int = MTTR_RECORDS,
+        fingerprints: int = MTTR_FINGERPRINTS,
+    ) -> None:
+        self.dlqs = dict(dlqs)
+        self.window, self.keep, self.limit, self.fingerprints = window, keep, limit, fingerprints
+        self._records: dict[str, audit.AuditRecord] = {}
+        self._weight = 0
+        self._mttd: dict[str, None] = {}
+        self._mttr: dict[str, None] = {}
+        self._dirty = False
+        self._next_due: datetime | None = None
+        #: How many times :func:`~qworker.dlq.mttr.groups` ran (the cost, for tests).
+        self.computed = 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def remembered(self) -> tuple[int, int]:
+        """How many groups' MTTD and MTTR are remembered as observed."""
+        return len(self._mttd), len(self._mttr)
+
+    def add(self, record: audit.AuditRecord) -> bool:
+        """Keep ``record`` if it concerns a followed DLQ (and is not kept already)."""
+        if record.id in self._records or record.when is None:
+            return False
+        if not any(concerns(record, dlq) for dlq in self.dlqs):
+            return False
+        self._records[record.id] = record
+        self._weight += _weight(record)
+        self._dirty = True
+        while len(self._records) > self.limit or (
+            self._weight > self.fingerprints and len(self._records) > 1
+        ):
+            self._drop(next(iter(self._records)))
+        return True
+
+    def _drop(self, key: str) -> None:
+        self._weight -= _weight(self._records.pop(key))
+
+    def baseline(self, now: datetime) -> int:
+        """Mark every MTTD known and every MTTR due at ``now`` as observed, without
+        observing them (the watcher just started: they belong to before). How many."""
+        return len(self._evaluate(now, force=True))
+
+    def due(self, now: datetime) -> list[Observation]:
+        """The MTTDs and MTTRs that became known since the last call, each once."""
+        return self._evaluate(now, force=False)
+
+    def _evaluate(self, now: datetime, *, force: bool) -> list[Observation]:
+        self._prune(now)
+        if not (force or self._dirty or (self._next_due is not None and now >= self._next_due)):
+            return []
+        self.computed += 1
+        found = groups(self._records.values(), window=self.window)
+        observed: list[Observation] = []
+        next_due: datetime | None = None
+        for group in found:
+            queue = self.dlqs.get(group.dlq or "")
+            if queue is None:
+                continue
+            fingerprint = group.fingerprint
+            if group.mttd is not None and fingerprint not in self._mttd:
+                self._mttd[fingerprint] = None
+                observed.append(Observation("mttd", queue, group.mttd.total_seconds(), fingerprint))
+            if group.mttr is None or group.resolved_at is None or fingerprint in self._mttr:
+                continue
+            due_at = group.resolved_at + self.window
+            if due_at <= now:
+                self._mttr[fingerprint] = None
+                observed.append(Observation("mttr", queue, group.mttr.total_seconds(), fingerprint))
+            elif next_due is None or due_at < next_due:
+                next_due = due_at
+        known = {g.fingerprint for g in found}
+        for seen in (self._mttd, self._mttr):
+            for fingerprint in [f for f in seen if f not in known]:
+                del seen[fingerprint]
+        self._dirty, self._next_due = False, next_due
+        return observed
+
+    def _prune(self, now: datetime) -> None:
+        oldest = now - self.keep
+        stale = [k for k, r in self._records.items() if (r.when or now) < oldest]
+        for key in stale:
+            self._drop(key)
+        if stale:
+            self._dirty = True
+
+
+def _weight(record: audit.AuditRecord) -> int:
+    return 1 + len(record.fingerprints) + len(record.first_failures)
+
+
 def _listens(observer: object) -> bool:
     """Whether ``observer`` does something with DLQ samples."""
     return isinstance(observer, DlqObserver) and type(observer).dlq is not DlqObserver.dlq
@@ -113,7 +247,9 @@ class Watcher:
     """Polls the DLQs of ``app``'s handlers (of ``queues``), feeds listeners, audits alerts.
 
     ``export``: someone reads :attr:`latest` (the supervisor's ``/metrics``), so poll even
-    without listeners among the app's observers.
+    without listeners among the app's observers. ``durations``: MTTD/MTTR observers besides
+    the app's (a supervisor's :class:`~qworker.metrics.MttrHistograms`); with none at all the
+    audit trail is not tailed. ``window``: the come-back window of MTTR (tests shorten it).
     """
 
     def __init__(
@@ -124,6 +260,8 @@ class Watcher:
         interval: float = DEFAULT_POLL,
         export: bool = False,
         management_url: str | None = None,
+        durations: Sequence[MttrObserver] = (),
+        window: timedelta = COME_BACK_WINDOW,
     ) -> None:
         if interval < 0:
             raise ValueError("the DLQ poll interval must be >= 0")
@@ -134,6 +272,20 @@ class Watcher:
         self.rules: list[AlertRule] = rules_of(app.observers)
         self.listeners = [o for o in app.observers if isinstance(o, DlqObserver) and _listens(o)]
         self.polls = interval > 0 and bool(export or self.listeners)
+        self.durations: list[MttrObserver] = [
+            o for o in app.observers if isinstance(o, MttrObserver)
+        ]
+        self.durations += [o for o in durations if o not in self.durations]
+        #: The MTTD/MTTR tracker, when something observes them (and the watcher polls).
+        self.tracker: MttrTracker | None = None
+        if self.polls and self.durations and self._dlqs:
+            self.tracker = MttrTracker({d.name: d.queue for d in self._dlqs}, window=window)
+        self._tail: AbstractChannel | None = None
+        self._offset: int | None = None
+        self._caught_up = False
+        self._last_record = 0.0
+        self._subscribed = 0.0
+        self._tail_failing = False
         #: The last sample of each DLQ, by DLQ name.
         self.latest: dict[str, DlqSample] = {}
         self._connection: AbstractConnection | None = None
@@ -159,8 +311,14 @@ class Watcher:
         finally:
             await self.close()
 
+    @property
+    def caught_up(self) -> bool:
+        """Whether the tracker has read the audit trail up to now once (and set its baseline)."""
+        return self._caught_up
+
     async def close(self) -> None:
         """Close the watcher's connection (if it opened one)."""
+        self._tail = None
         connection, self._connection = self._connection, None
         if connection is not None:
             await close_quietly(connection)
@@ -186,6 +344,8 @@ class Watcher:
         if self._failing:
             self._log.info("dlq_watch.recovered")
         self._failing = False
+        if self.tracker is not None:
+            await self._durations(connection)
         return samples
 
     async def audit(self, dlq: str | None, fingerprints: list[str], rule: str, at: str) -> None:
@@ -286,6 +446,89 @@ class Watcher:
                 await message.nack(requeue=True)
         finally:
             await close_channel_quietly(channel)
+
+    async def _durations(self, connection: AbstractConnection) -> None:
+        """Tail the audit trail (subscribe if needed) and hand out what became known."""
+        tracker = self.tracker
+        assert tracker is not None
+        try:
+            if self._tail is None or self._tail.is_closed:
+                await self._subscribe(connection)
+            if not self._caught_up and not self._catch_up(tracker):
+                return
+            observed = tracker.due(datetime.now(UTC))
+        except Exception as exc:
+            if not self._tail_failing:
+                self._log.warning("mttr.tail_failed", error=mask_url(repr(exc))[:300])
+            self._tail_failing = True
+            channel, self._tail = self._tail, None
+            if channel is not None:
+                await close_channel_quietly(channel)
+            return
+        if self._tail_failing:
+            self._log.info("mttr.tail_recovered")
+        self._tail_failing = False
+        for observation in observed:
+            for observer in self.durations:
+                try:
+                    observer.mttr_observed(observation)
+                except Exception:
+                    self._log.exception("mttr.observer_failed", observer=repr(observer)[:100])
+
+    async def _subscribe(self, connection: AbstractConnection) -> None:
+        """One stream consumer of the audit trail, kept open: from after the last offset
+        read, else from :data:`REMEMBER_DAYS` days ago."""
+        # A reader may lack the configure permission a declare needs: then the stream must exist.
+        with contextlib.suppress(aiormq.exceptions.AMQPError):
+            await audit.declare(connection)
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            await channel.set_qos(prefetch_count=500)
+            queue = await channel.get_queue(audit.STREAM, ensure=False)
+            offset: int | datetime = (
+                self._offset + 1
+                if self._offset is not None
+                else datetime.now(UTC) - timedelta(days=REMEMBER_DAYS)
+            )
+            self._last_record = time.monotonic()
+            if not self._caught_up:
+                self._subscribed = self._last_record
+            await queue.consume(self._received, arguments={"x-stream-offset": offset})
+        except BaseException:
+            await close_channel_quietly(channel)
+            raise
+        self._tail = channel
+
+    async def _received(self, message: AbstractIncomingMessage) -> None:
+        self._last_record = time.monotonic()
+        with contextlib.suppress(Exception):
+            await message.ack()
+        offset = (message.headers or {}).get("x-stream-offset")
+        if isinstance(offset, int) and not isinstance(offset, bool):
+            if self._offset is not None and offset <= self._offset:
+                return  # read before a reconnection
+            self._offset = offset
+        record = audit.AuditRecord.from_json(message.body)
+        if record is not None and self.tracker is not None:
+            self.tracker.add(record)
+
+    def _catch_up(self, tracker: MttrTracker) -> bool:
+        """Whether the trail of the last days has arrived (no record for
+        :data:`qworker.dlq.audit.IDLE_SECONDS`, or :data:`SEED_TIMEOUT` spent): then set
+        the baseline, once."""
+        now = time.monotonic()
+        idle = now - self._last_record >= audit.IDLE_SECONDS
+        if not idle and now - self._subscribed < SEED_TIMEOUT:
+            return False
+        skipped = tracker.baseline(datetime.now(UTC))
+        self._caught_up = True
+        self._log.info("mttr.tracking", records=len(tracker), known_before=skipped, idle=idle)
+        for observer in self.durations:
+            try:
+                observer.mttr_prepare(d.queue for d in self._dlqs)
+            except Exception:
+                self._log.exception("mttr.observer_failed", observer=repr(observer)[:100])
+        return True
 
     async def _seed(self) -> None:
         """Fill ``new_fingerprint`` rules with what the audit trail says was alerted."""

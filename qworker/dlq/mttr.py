@@ -16,7 +16,10 @@ A failure group is a fingerprint (``x-qworker-fingerprint``, the ``dlq stats`` g
   it found on it (``came_back``), and :func:`collect` browses the DLQ once for dead
   letters carrying one. A group without such a replay is *open*.
 
-:func:`groups` and :func:`durations` are pure; :func:`collect` does the reading.
+:func:`groups` and :func:`durations` are pure; :func:`collect` does the reading. The DLQ
+poller (:mod:`qworker.watch`) tails the trail and hands each group's MTTD and MTTR, once, to
+every :class:`MttrObserver` (the ``qworker_mttd_seconds`` / ``qworker_mttr_seconds``
+histograms of :mod:`qworker.metrics`).
 """
 
 from __future__ import annotations
@@ -83,6 +86,26 @@ class Durations:
     mttr: list[float] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One group's MTTD or MTTR, observed once by the DLQ poller."""
+
+    kind: str  #: ``mttd`` or ``mttr``
+    queue: str  #: the work queue of the group's DLQ
+    seconds: float
+    fingerprint: str
+
+
+class MttrObserver:
+    """Receives MTTD and MTTR observations from the DLQ poller (the histograms)."""
+
+    def mttr_prepare(self, queues: Iterable[str]) -> None:
+        """The poller tracks ``queues``: create their series at zero."""
+
+    def mttr_observed(self, observation: Observation) -> None:
+        """A group's MTTD or MTTR became known (each once)."""
+
+
 def groups(
     records: Iterable[AuditRecord],
     *,
@@ -118,17 +141,25 @@ def groups(
             when = parse_time(text)
             earlier = back.get(replay_id)
             back[replay_id] = when if earlier is None or when is None else min(earlier, when)
+    # One pass indexes alerts and replays by fingerprint (not a pass per group: the DLQ
+    # poller recomputes this on its trail of up to thousands of records).
+    alerts: dict[str, datetime | None] = {}
+    replays: dict[str, list[AuditRecord]] = {}
+    for record in ordered:
+        if record.action == "alert":
+            for fingerprint in record.fingerprints:
+                alerts.setdefault(fingerprint, record.when)
+        elif (
+            record.action == "replay" and record.replay_id and record.counts.get("replayed", 0) > 0
+        ):
+            for fingerprint in dict.fromkeys(record.fingerprints):
+                replays.setdefault(fingerprint, []).append(record)
     found = []
     for fingerprint, began in first.items():
-        alerts = [r.when for r in ordered if r.action == "alert" and fingerprint in r.fingerprints]
         resolved: AuditRecord | None = None
         returned: list[str] = []
-        for record in ordered:
-            if record.action != "replay" or fingerprint not in record.fingerprints:
-                continue
-            if not record.replay_id or record.counts.get("replayed", 0) <= 0:
-                continue
-            if _came_back(record, back, window):
+        for record in replays.get(fingerprint, ()):
+            if record.replay_id and _came_back(record, back, window):
                 returned.append(record.replay_id)
             elif resolved is None and record.outcome in RESOLVING:
                 resolved = record
@@ -136,7 +167,7 @@ def groups(
             GroupTimes(
                 fingerprint,
                 began,
-                first_alert=alerts[0] if alerts else None,
+                first_alert=alerts.get(fingerprint),
                 resolved_by=resolved.replay_id if resolved else None,
                 resolved_at=resolved.when if resolved else None,
                 came_back=tuple(returned),
