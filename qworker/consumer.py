@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractConnection
+from aiormq import spec
 
 from qworker import headers as h
 from qworker.backoff import Backoff
@@ -53,6 +54,8 @@ from qworker.verdict import (
     wants_fallback,
 )
 
+#: Seconds between two looks at an empty quarantine (a passive declare each).
+PULL_INTERVAL = 0.5
 #: A delivery that hit a bug of ours goes back, counted, so that it cannot loop forever.
 RETURNED_AFTER_INTERNAL_ERROR = Return("message.returned", counted=True)
 #: A copy that could not be published: the original goes back, counted (see ``Return``).
@@ -136,6 +139,7 @@ class Consumer:
         self._connection: AbstractConnection | None = None
         self._gate: Gate | None = None
         self._reopening: asyncio.Task[None] | None = None
+        self._puller: asyncio.Task[None] | None = None
         self._tasks: dict[asyncio.Task[None], Gate] = {}
         self._stopping = False
         self.in_flight = 0
@@ -152,6 +156,8 @@ class Consumer:
         """Consuming, or deliberately paused by an open breaker."""
         if self._gate is None or self._gate.channel.is_closed:
             return False
+        if self.quarantine:
+            return self._puller is not None and not self._puller.done()
         paused = self._circuit is not None and self._circuit.state is not CircuitState.CLOSED
         return self._gate.consuming or paused
 
@@ -169,6 +175,8 @@ class Consumer:
                     task.cancel()
                 else:
                     self._exclusion.orphan(task)
+        if self.quarantine and self._puller is not None and gate in (None, self._gate):
+            self._puller.cancel()
 
     def detach(self) -> None:
         """The worker lost the connection: forget it (no channel is reopened on it)."""
@@ -184,7 +192,9 @@ class Consumer:
         gate = Gate(channel, publisher, self.source, self._prefetch, self.on_message)
         channel.close_callbacks.add(lambda _channel, exc: self._closed(gate, connection, exc))
         self._gate = gate
-        if self._circuit is not None:
+        if self.quarantine:
+            self._puller = asyncio.create_task(self._pull(gate))
+        elif self._circuit is not None:
             await self._circuit.attach(gate)
         else:
             await gate.consume()
@@ -240,6 +250,43 @@ class Consumer:
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
 
+    async def _pull(self, gate: Gate) -> None:
+        """Read the quarantine one message at a time, and only while it can run alone.
+
+        Polled (a passive declare for its depth, then ``basic.get``) rather than consumed:
+        a consumer would hold a delivery while it waits for the other runs of its handler
+        to end, and the death of the process meanwhile would count as its crash. Here a
+        quarantined delivery is out of the queue only while it runs, so coming back means
+        its worker died running it.
+        """
+        channel = await gate.channel.get_underlay_channel()
+        while not self._stopping and not gate.channel.is_closed:
+            try:
+                declared = await channel.queue_declare(self.source, passive=True)
+                if not declared.message_count:
+                    await asyncio.sleep(PULL_INTERVAL)
+                    continue
+                async with self._exclusion.alone():
+                    if self._stopping:
+                        return
+                    raw = await channel.basic_get(self.source, no_ack=False)
+                    if not isinstance(raw.delivery, spec.Basic.GetOk):
+                        continue
+                    task = asyncio.current_task()
+                    assert task is not None
+                    self._tasks[task] = gate  # drained on stop, cancelled with its channel
+                    try:
+                        await self._guarded(Delivery(raw), gate)
+                    finally:
+                        self._tasks.pop(task, None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the channel died under us: _closed reopens it
+                if gate.channel.is_closed or self._stopping:
+                    return
+                self._log.warning("quarantine.poll_failed", error=str(exc))
+                await asyncio.sleep(PULL_INTERVAL)
+
     async def _guarded(self, message: Delivery, gate: Gate) -> None:
         async with self._slots:
             if self._stopping:
@@ -260,9 +307,8 @@ class Consumer:
                 run: Run | None
                 if admission is not None:  # poison: judged, never run
                     route, run = Route.PRIMARY, admission
-                elif self.quarantine:
-                    async with self._exclusion.alone():
-                        route, run = await self._serve(message)
+                elif self.quarantine:  # the puller holds the handler alone
+                    route, run = await self._serve(message)
                 else:
                     async with self._exclusion.shared:
                         route, run = await self._serve(message)
@@ -500,6 +546,8 @@ class Consumer:
     async def stop_taking(self) -> None:
         """Cancel the consumer; deliveries not yet started are returned instead of run."""
         self._stopping = True
+        if self._puller is not None and self._puller not in self._tasks:
+            self._puller.cancel()  # waiting for work: nothing of its own to finish
         if self._circuit is not None:
             self._circuit.stop()
         if self._reopening is not None:

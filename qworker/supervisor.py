@@ -58,6 +58,7 @@ from qworker.health import DEFAULT_HOST, Endpoint, HttpServer, Response, metrics
 
 if TYPE_CHECKING:
     from qworker.app import App
+    from qworker.metrics import MttrHistograms
     from qworker.watch import Watcher
     from qworker.worker import Worker
 
@@ -140,6 +141,7 @@ class Supervisor:
         self._rules: list[AlertRule] = rules_of(self.app.observers) if self.app else []
         self._inbox: socket.socket | None = None
         self._watcher: Watcher | None = None
+        self._durations: MttrHistograms | None = None
         #: Outcomes received from children (for tests and facts).
         self.received = 0
         self._restarts = 0
@@ -166,11 +168,16 @@ class Supervisor:
             if self.app is not None:
                 from qworker.watch import Watcher
 
+                if self.metrics_port is not None:
+                    from qworker.metrics import MttrHistograms
+
+                    self._durations = MttrHistograms()
                 self._watcher = Watcher(
                     self.app,
                     self.queues,
                     interval=self.dlq_poll,
                     export=self.metrics_port is not None,
+                    durations=[self._durations] if self._durations is not None else (),
                 )
                 if self._watcher.needed:
                     watch = asyncio.create_task(self._watcher.run())
@@ -408,6 +415,7 @@ class Supervisor:
         )
         watcher = self._watcher
         dlqs = dlq_collector(lambda: list(watcher.latest.values()) if watcher else [])
+        extra = [collector, dlqs] + ([self._durations.registry] if self._durations else [])
 
         async def healthz() -> Response:
             # Liveness: the supervisor answers. It restarts its children itself; a
@@ -422,7 +430,7 @@ class Supervisor:
         return {
             "/healthz": healthz,
             "/readyz": readyz,
-            "/metrics": metrics_route(lambda: render_multiprocess(self._dir, [collector, dlqs])),
+            "/metrics": metrics_route(lambda: render_multiprocess(self._dir, extra)),
         }
 
 
