@@ -68,6 +68,12 @@ class Alert:
     fingerprints: tuple[str, ...] = ()
     value: float | None = None
 
+    @property
+    def runbooks(self) -> tuple[str, ...]:
+        """The runbook links of the outcomes that tripped the rule, each once, in order (the
+        handler's ``runbook=``, else ``App(runbooks=)`` by error code)."""
+        return tuple(dict.fromkeys(o.runbook for o in self.outcomes if o.runbook))
+
 
 Notify = Callable[[Alert], Awaitable[None]]
 AuditSink = Callable[[str | None, list[str], str, str], Awaitable[None]]

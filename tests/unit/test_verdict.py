@@ -319,3 +319,20 @@ async def test_the_blocked_state_of_an_aiormq_connection_is_where_qworker_reads_
     assert blocked(connection)
     event.set()
     assert not blocked(connection)
+
+
+def test_an_alert_lists_the_runbooks_of_the_outcomes_that_tripped_it() -> None:
+    """Runbook links reach notifiers: each once, in the order the outcomes came."""
+    from qworker.alerts import Alert
+    from qworker.events import Outcome
+
+    def outcome(runbook: str | None) -> Outcome:
+        return Outcome(OutcomeKind.DEAD_LETTERED, "q", "h", "m", 1, 0.0, runbook=runbook)
+
+    alert = Alert(
+        "5 dead letters in 60s",
+        3,
+        60.0,
+        (outcome("https://rb/a"), outcome(None), outcome("https://rb/b"), outcome("https://rb/a")),
+    )
+    assert alert.runbooks == ("https://rb/a", "https://rb/b")
