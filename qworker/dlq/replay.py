@@ -256,6 +256,25 @@ def _replay_record(
     )
 
 
+def _sender(
+    options: ReplayOptions,
+    result: ReplayResult,
+    on_event: EventHandler,
+    publisher: ConfirmedPublisher,
+    reopen: Callable[[], Awaitable[ConfirmedPublisher]],
+) -> Sender:
+    """The sender of one replay: its window, rate and replay id, channel reopening."""
+    return Sender(
+        publisher,
+        result,
+        on_event,
+        window=options.window,
+        rate=options.rate,
+        reopen=reopen,
+        replay_id=result.replay_id,
+    )
+
+
 async def _replay(
     connection: AbstractConnection,
     queue: str,
@@ -266,15 +285,7 @@ async def _replay(
     result: ReplayResult,
 ) -> None:
     async with _publishers(connection) as (publisher, reopen):
-        sender = Sender(
-            publisher,
-            result,
-            on_event,
-            window=options.window,
-            rate=options.rate,
-            reopen=reopen,
-            replay_id=result.replay_id,
-        )
+        sender = _sender(options, result, on_event, publisher, reopen)
         limit = options.limit
         if options.canary > 0 and not options.dry_run:
             used = await _canaries(connection, queue, chosen, options, router, sender, result)
@@ -389,15 +400,7 @@ async def _replay_records(
     result: ReplayResult,
 ) -> None:
     async with _publishers(connection) as (publisher, reopen):
-        sender = Sender(
-            publisher,
-            result,
-            on_event,
-            window=options.window,
-            rate=options.rate,
-            reopen=reopen,
-            replay_id=result.replay_id,
-        )
+        sender = _sender(options, result, on_event, publisher, reopen)
         selected = 0
         for dl in records():
             if sender.stopped or (options.limit is not None and selected >= options.limit):
