@@ -29,6 +29,16 @@ def _docker_available() -> bool:
         return False
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _management_api_for_broker_tests(request: pytest.FixtureRequest) -> None:
+    """The DLQ tool (and the worker's DLQ poller) ask the management API for delivery-limit
+    policies; without it, reading a quorum DLQ that shows 10 deliveries is refused by design
+    (docs/dlq.md). So when the session has broker tests, the API is up from the start, as on
+    a machine where RabbitMQ was just installed (see the ``management_url`` fixture)."""
+    if any(item.get_closest_marker("rabbitmq") for item in request.session.items):
+        request.getfixturevalue("management_url")
+
+
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
     """QWORKER_TEST_URL, else 127.0.0.1:5672, else a testcontainers RabbitMQ, else an error.
