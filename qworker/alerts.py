@@ -403,3 +403,20 @@ def make_rule(notify: Notify, *, when: str, above: int | None = None, **options:
 def rules_of(observers: Iterable[Observer]) -> list[AlertRule]:
     """The alert rules among ``observers``."""
     return [o for o in observers if isinstance(o, AlertRule)]
+
+
+#: Seconds between two polls of the DLQs unless configured (``qworker run --dlq-poll``).
+DEFAULT_DLQ_POLL = 15.0
+
+
+def listens_to_dlqs(observer: object) -> bool:
+    """Whether ``observer`` does something with DLQ samples."""
+    return isinstance(observer, DlqObserver) and type(observer).dlq is not DlqObserver.dlq
+
+
+def watching_needed(observers: Iterable[Observer], *, interval: float, export: bool = False) -> bool:
+    """Whether a DLQ watcher (:mod:`qworker.watch`) has work: alert rules to serve, or DLQ
+    samples that someone reads. Cheap, so that a worker without any never imports it."""
+    observers = list(observers)
+    listens = any(listens_to_dlqs(o) for o in observers)
+    return bool(rules_of(observers)) or (interval > 0 and (export or listens))

@@ -22,7 +22,19 @@ LogFormat = Literal["json", "console"]
 # (error messages pass through redaction when they are captured).
 _ALREADY_SAFE = frozenset(
     # ``reason`` is not here: it also carries a broker's close text (channel.closed).
-    {"event", "level", "timestamp", "classification", "error_type", "error_message"}
+    # ``stack_trace`` and ``error_message`` were redacted when captured (qworker.failures);
+    # ``fingerprint`` is hex and ``error_code`` a checked name.
+    {
+        "event",
+        "level",
+        "timestamp",
+        "classification",
+        "error_type",
+        "error_message",
+        "stack_trace",
+        "fingerprint",
+        "error_code",
+    }
 )
 
 

@@ -56,11 +56,13 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from qworker.alerts import (
+    DEFAULT_DLQ_POLL,
     NEW_FINGERPRINT,
     AlertRule,
     DlqObserver,
     DlqSample,
     FingerprintRule,
+    listens_to_dlqs,
     rules_of,
 )
 from qworker.app import App
@@ -86,7 +88,7 @@ from qworker.redact import mask_url
 from qworker.topology import DLQ_SUFFIX, dlq_name
 
 #: Seconds between two polls unless configured.
-DEFAULT_POLL = 15.0
+DEFAULT_POLL = DEFAULT_DLQ_POLL
 #: A quorum DLQ whose effective delivery limit is at least this is peeked every poll:
 #: at one delivery per 15 s it would take 173 days to reach.
 SAFE_LIMIT = 1_000_000
@@ -238,11 +240,6 @@ def _weight(record: audit.AuditRecord) -> int:
     return 1 + len(record.fingerprints) + len(record.first_failures)
 
 
-def _listens(observer: object) -> bool:
-    """Whether ``observer`` does something with DLQ samples."""
-    return isinstance(observer, DlqObserver) and type(observer).dlq is not DlqObserver.dlq
-
-
 class Watcher:
     """Polls the DLQs of ``app``'s handlers (of ``queues``), feeds listeners, audits alerts.
 
@@ -270,7 +267,8 @@ class Watcher:
         self.management_url = management_url or os.environ.get(ENV_MANAGEMENT) or None
         self._dlqs = [_Dlq(h.queue, dlq_name(h.queue)) for h in app.select(queues)]
         self.rules: list[AlertRule] = rules_of(app.observers)
-        self.listeners = [o for o in app.observers if isinstance(o, DlqObserver) and _listens(o)]
+        self.listeners = [o for o in app.observers if isinstance(o, DlqObserver)]
+        self.listeners = [o for o in self.listeners if listens_to_dlqs(o)]
         self.polls = interval > 0 and bool(export or self.listeners)
         self.durations: list[MttrObserver] = [
             o for o in app.observers if isinstance(o, MttrObserver)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import aiormq
 import structlog
 from aio_pika.abc import AbstractConnection
 
+from qworker.alerts import DEFAULT_DLQ_POLL, watching_needed
 from qworker.app import App
 from qworker.backoff import Backoff
 from qworker.connection import CONNECT_ERRORS, close_quietly, connect
@@ -22,7 +23,9 @@ from qworker.logging import configure_logging
 from qworker.redact import mask_url
 from qworker.supervisor import child_relay, supervised_child
 from qworker.topology import check, declare
-from qworker.watch import DEFAULT_POLL, Watcher, watching
+
+if TYPE_CHECKING:
+    from qworker.watch import Watcher
 
 DEFAULT_CONCURRENCY = 10
 DEFAULT_GRACE = 30.0
@@ -54,7 +57,7 @@ class Worker:
         concurrency: int = DEFAULT_CONCURRENCY,
         prefetch: int | None = None,
         grace: float = DEFAULT_GRACE,
-        dlq_poll: float = DEFAULT_POLL,
+        dlq_poll: float = DEFAULT_DLQ_POLL,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -78,7 +81,12 @@ class Worker:
         # Before the consumers take their copy of the observers: under a supervisor that
         # evaluates the alert rules, they are suspended here and their outcomes forwarded.
         self._relay = child_relay(app)
-        self._watcher = None if supervised_child() else Watcher(app, queues, interval=dlq_poll)
+        # The watcher (and the DLQ library it uses) is imported only when it has work.
+        self._watcher: Watcher | None = None
+        if not supervised_child() and watching_needed(app.observers, interval=dlq_poll):
+            from qworker.watch import Watcher
+
+            self._watcher = Watcher(app, queues, interval=dlq_poll)
         policy = Policy(
             app.classifier,
             app.default,
@@ -156,7 +164,7 @@ class Worker:
             concurrency=self.concurrency,
             prefetch=self.prefetch,
         )
-        async with watching(self._watcher):
+        async with _watching(self._watcher):
             await self._run()
 
     async def _run(self) -> None:
@@ -276,3 +284,15 @@ def _setter(
         event.set()
 
     return closed
+
+
+@contextlib.asynccontextmanager
+async def _watching(watcher: Watcher | None) -> AsyncIterator[None]:
+    """Run ``watcher`` (if any) for the duration of the block."""
+    if watcher is None:
+        yield
+        return
+    from qworker.watch import watching
+
+    async with watching(watcher):
+        yield
