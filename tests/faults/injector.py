@@ -99,8 +99,16 @@ class Injector:
         return fault
 
     async def _close(self) -> Fault:
-        closed = await asyncio.to_thread(close_connections, self.t.node, self.t.worker_name)
-        return Fault("close", time.time(), {"closed": closed})
+        """Close the workers' connections. A worker whose connection died within 10 s of
+        connecting waits before the next round (back-off, up to 30 s, issue 9 finding 4), so
+        a close soon after the last one may find nothing yet: wait (bounded) until there is
+        a connection to close."""
+        deadline = time.monotonic() + 45
+        while True:
+            closed = await asyncio.to_thread(close_connections, self.t.node, self.t.worker_name)
+            if closed or time.monotonic() > deadline:
+                return Fault("close", time.time(), {"closed": closed})
+            await asyncio.sleep(0.5)
 
     async def _restart(self) -> Fault:
         assert self.t.stop_app is not None and self.t.restart_app is not None
