@@ -414,7 +414,9 @@ def listens_to_dlqs(observer: object) -> bool:
     return isinstance(observer, DlqObserver) and type(observer).dlq is not DlqObserver.dlq
 
 
-def watching_needed(observers: Iterable[Observer], *, interval: float, export: bool = False) -> bool:
+def watching_needed(
+    observers: Iterable[Observer], *, interval: float, export: bool = False
+) -> bool:
     """Whether a DLQ watcher (:mod:`qworker.watch`) has work: alert rules to serve, or DLQ
     samples that someone reads. Cheap, so that a worker without any never imports it."""
     observers = list(observers)
