@@ -54,8 +54,10 @@ from qworker.verdict import (
     wants_fallback,
 )
 
-#: Seconds between two looks at an empty quarantine (a passive declare each).
+#: Seconds between two looks at an empty quarantine (a passive declare each), growing to
+#: the ceiling while it stays empty; a quarantine move by this process wakes it at once.
 PULL_INTERVAL = 0.5
+PULL_IDLE_CEILING = 5.0
 #: A delivery that hit a bug of ours goes back, counted, so that it cannot loop forever.
 RETURNED_AFTER_INTERNAL_ERROR = Return("message.returned", counted=True)
 #: A copy that could not be published: the original goes back, counted (see ``Return``).
@@ -260,12 +262,16 @@ class Consumer:
         its worker died running it.
         """
         channel = await gate.channel.get_underlay_channel()
+        idle = Backoff(first=PULL_INTERVAL, ceiling=PULL_IDLE_CEILING)
         while not self._stopping and not gate.channel.is_closed:
             try:
                 declared = await channel.queue_declare(self.source, passive=True)
                 if not declared.message_count:
-                    await asyncio.sleep(PULL_INTERVAL)
+                    # An empty quarantine is the normal case: look less often the longer it
+                    # stays empty, and at once when this process quarantines something.
+                    await self._exclusion.quarantined(idle.failed(time.monotonic()))
                     continue
+                idle.succeeded()
                 async with self._exclusion.alone():
                     if self._stopping:
                         return
@@ -419,6 +425,7 @@ class Consumer:
             log = self._log.bind(**_message_fields(message), crashes=verdict.crashes)
             if await self._copy(message, gate, verdict.target, verdict.headers, None, log):
                 log.warning("message.quarantined", target=verdict.target)
+                self._exclusion.wake()
         else:
             assert run is not None
             await self._move(message, gate, verdict, run)

@@ -33,6 +33,7 @@ class Exclusion:
         self._waiting_alone = 0
         self._changed = asyncio.Condition()
         self._notifying: asyncio.Future[None] | None = None
+        self._quarantined = asyncio.Event()
         self.shared = _Shared(self)
 
     def _blocked(self) -> bool:
@@ -51,6 +52,16 @@ class Exclusion:
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
+
+    def wake(self) -> None:
+        """A delivery of this handler was just quarantined: the quarantine poller may look."""
+        self._quarantined.set()
+
+    async def quarantined(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait up to ``timeout`` seconds, or until :meth:`wake` is called."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quarantined.wait(), timeout)
+        self._quarantined.clear()
 
     @contextlib.asynccontextmanager
     async def alone(self) -> AsyncIterator[None]:

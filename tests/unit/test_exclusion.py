@@ -55,3 +55,20 @@ async def test_shared_runs_do_not_wait_when_nothing_runs_alone() -> None:
 
     await asyncio.wait_for(asyncio.gather(*(shared() for _ in range(50))), 1)
     assert entered == 50
+
+
+async def test_a_quarantine_move_wakes_the_poller_at_once() -> None:
+    """The poller waits for its (growing) idle interval, or until this process quarantines a
+    delivery of the handler: then it looks at once."""
+    import time
+
+    exclusion = Exclusion()
+    started = time.monotonic()
+    waiting = asyncio.create_task(exclusion.quarantined(5.0))
+    await asyncio.sleep(0.05)
+    exclusion.wake()
+    await asyncio.wait_for(waiting, 1)
+    assert time.monotonic() - started < 1.0
+    started = time.monotonic()
+    await exclusion.quarantined(0.1)  # no wake: the interval runs out
+    assert time.monotonic() - started >= 0.09
