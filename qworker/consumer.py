@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -27,22 +25,19 @@ from aiormq import spec
 
 from qworker import headers as h
 from qworker.backoff import Backoff
-from qworker.classify import Classification, Classifier, Decision, classify, decide
 from qworker.context import PublishFunc
-from qworker.delivery import Delivery
-from qworker.events import CircuitState, Observer, OutcomeKind, severity_of
+from qworker.delivery import Delivery, message_fields
+from qworker.events import CircuitState, OutcomeKind, severity_of
 from qworker.exclusion import Exclusion
-from qworker.failures import ErrorInfo, error_type_name
 from qworker.gate import CircuitControl, Gate
 from qworker.handler import Handler
 from qworker.publish import ConfirmedPublisher
 from qworker.reporting import Reporter
-from qworker.runner import Runner
+from qworker.serving import Policy, Server
 from qworker.topology import declare, quarantine_name, retry_queue
 from qworker.verdict import (
     RETURNED_ON_STOP,
     Ack,
-    Fallback,
     Move,
     Quarantine,
     Return,
@@ -51,7 +46,6 @@ from qworker.verdict import (
     Verdict,
     admit,
     judge,
-    wants_fallback,
 )
 
 #: Seconds between two looks at an empty quarantine (a passive declare each), growing to
@@ -62,28 +56,6 @@ PULL_IDLE_CEILING = 5.0
 RETURNED_AFTER_INTERNAL_ERROR = Return("message.returned", counted=True)
 #: A copy that could not be published: the original goes back, counted (see ``Return``).
 RETURNED_AFTER_FAILED_MOVE = Return("message.returned", counted=True)
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """App-wide settings the consumer applies to every handler.
-
-    Args:
-        classifier: The app's classifier (see :func:`qworker.classify.classify`).
-        default: The classification of exceptions no rule recognises.
-        worker_id: ``host:pid``, written to ``x-qworker-worker``.
-        observers: Receive every outcome and state change.
-        runbooks: Runbook links by error code (``App(runbooks=...)``).
-        confirm_timeout: Seconds after which a copy still waiting for its confirm is
-            logged (``message.confirm_slow``); the wait itself goes on (see :meth:`Consumer.apply`).
-    """
-
-    classifier: Classifier | None
-    default: Classification
-    worker_id: str
-    observers: Sequence[Observer] = ()
-    confirm_timeout: float = 10.0
-    runbooks: Mapping[str, str] = field(default_factory=dict)
 
 
 class Consumer:
@@ -124,7 +96,6 @@ class Consumer:
         self._exclusion = exclusion or Exclusion()
         self._tiers = set(handler.options.retry.tiers())
         self._log = structlog.get_logger("qworker").bind(queue=handler.queue, handler=handler.name)
-        self._runner = Runner(handler, self._decide, publish, self._log)
         self._report = Reporter(handler, policy.observers, self._log)
         # Breaker state outlives channels and reconnects: a dependency is not fixed by a
         # new connection, and handlers of an old channel report to the same control. The
@@ -136,6 +107,7 @@ class Consumer:
             if handler.options.breaker is not None and not quarantine
             else None
         )
+        self._server = Server(handler, policy, publish, self._log, self._circuit)
         self._moves = Backoff(first=0.5, ceiling=30.0)
         self._reopens = Backoff(first=0.5, ceiling=30.0, jitter=0.2)
         self._connection: AbstractConnection | None = None
@@ -314,15 +286,15 @@ class Consumer:
                 if admission is not None:  # poison: judged, never run
                     route, run = Route.PRIMARY, admission
                 elif self.quarantine:  # the puller holds the handler alone
-                    route, run = await self._serve(message)
+                    route, run = await self._server.serve(message)
                 else:
                     async with self._exclusion.shared:
-                        route, run = await self._serve(message)
+                        route, run = await self._server.serve(message)
                 verdict = judge(
                     route,
                     run,
                     self.handler,
-                    self._origin(message),
+                    self._server.origin(message),
                     message.headers,
                     random_fraction=random.random(),
                     runbooks=self._policy.runbooks,
@@ -334,76 +306,11 @@ class Consumer:
                 raise
             except Exception:
                 # A bug of ours must not kill the consumer nor lose the message.
-                self._log.exception("message.internal_error", **_message_fields(message))
+                self._log.exception("message.internal_error", **message_fields(message))
                 await self.apply(message, gate, RETURNED_AFTER_INTERNAL_ERROR)
             finally:
                 self.in_flight -= 1
                 self._report.in_flight(self.in_flight)
-
-    async def _serve(self, message: Delivery) -> tuple[Route, Run | None]:
-        """Decode, pass the gate, run the handler (and its fallback when it applies)."""
-        handler = self.handler
-        failed_before = h.read_attempt(message.headers)
-        attempt = failed_before + 1
-        try:
-            payload = handler.decode(message.body, message.content_type, message.content_encoding)
-        except Exception as exc:
-            return Route.PRIMARY, Run(attempt, exc, 0.0, self._decide(exc, attempt))
-        circuit = self._circuit
-        route = circuit.route() if circuit is not None else Route.PRIMARY
-        if route is Route.RETURN:
-            assert circuit is not None
-            await circuit.paused()
-            return route, None
-        if route is Route.FALLBACK:
-            return route, await self._fallback(payload, message, Run(attempt, None, 0.0))
-        run = await self._runner.run(payload, message, failed_before)
-        if circuit is not None:
-            self._count_for_breaker(circuit, run, probe=route is Route.PROBE)
-        if wants_fallback(run, handler):
-            run = await self._fallback(payload, message, run)
-        return route, run
-
-    async def _fallback(self, payload: object, message: Delivery, run: Run) -> Run:
-        """Serve with the fallback; a failure of a breaker-sent one fails like the handler."""
-        fallback = self.handler.options.fallback
-        assert fallback is not None
-        try:
-            await self._runner.call(fallback, payload, message, run.attempt)
-        except Exception as exc:
-            self._log.error(
-                "message.fallback_failed",
-                **_message_fields(message),
-                error=f"{error_type_name(exc)}: {ErrorInfo.from_exception(exc).message}",
-            )
-            if run.error is None:  # the breaker sent it here
-                decision = self._decide(exc, run.attempt)
-                return Run(run.attempt, exc, run.duration, decision, fallback=Fallback.FAILED)
-            run.fallback = Fallback.FAILED
-            return run
-        run.fallback = Fallback.SERVED
-        return run
-
-    def _decide(self, exc: Exception, attempt: int) -> Decision:
-        """Classify a failure: the only call of the user's classifier."""
-        handler = self.handler
-        classification = classify(
-            exc,
-            permanent=handler.options.permanent,
-            transient=handler.options.transient,
-            classifier=self._policy.classifier,
-            default=self._policy.default,
-        )
-        return decide(exc, classification, attempt, handler.options.retry.max_attempts)
-
-    def _origin(self, message: Delivery) -> h.Origin:
-        return h.Origin(
-            queue=self.handler.queue,
-            handler=self.handler.name,
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            worker=self._policy.worker_id,
-        )
 
     # Applying a verdict: the only ack, nack, reject and publish of a copy
 
@@ -415,14 +322,14 @@ class Consumer:
             if await self._settle(message, "ack"):
                 attempt = run.attempt if run is not None else None
                 level = self._log.debug if verdict.event == "message.succeeded" else self._log.info
-                level(verdict.event, **_message_fields(message), attempt=attempt)
+                level(verdict.event, **message_fields(message), attempt=attempt)
                 if run is not None:
                     self._report.succeeded(message, run)
         elif isinstance(verdict, Return):
             if await self._settle(message, "reject" if verdict.counted else "nack"):
-                self._log.debug(verdict.event, **_message_fields(message))
+                self._log.debug(verdict.event, **message_fields(message))
         elif isinstance(verdict, Quarantine):
-            log = self._log.bind(**_message_fields(message), crashes=verdict.crashes)
+            log = self._log.bind(**message_fields(message), crashes=verdict.crashes)
             if await self._copy(message, gate, verdict.target, verdict.headers, None, log):
                 log.warning("message.quarantined", target=verdict.target)
                 self._exclusion.wake()
@@ -440,7 +347,7 @@ class Consumer:
         """
         reason = move.decision.reason.value if move.decision.reason else None
         log = self._log.bind(
-            **_message_fields(message),
+            **message_fields(message),
             attempt=run.attempt,
             error_type=move.error.error_type,
             error_message=move.error.message,
@@ -530,7 +437,7 @@ class Consumer:
         except Exception as exc:
             self._log.warning(
                 "message.settle_lost",
-                **_message_fields(message),
+                **message_fields(message),
                 action=action,
                 error=repr(exc),
                 note=_REDELIVERED,
@@ -539,14 +446,6 @@ class Consumer:
         return True
 
     # Circuit breaker
-
-    def _count_for_breaker(self, circuit: CircuitControl, run: Run, *, probe: bool) -> None:
-        if run.error is None:
-            circuit.record(True, probe=probe)
-        elif run.decision is not None and run.decision.classification is Classification.TRANSIENT:
-            circuit.record(False, probe=probe)
-        elif probe:
-            circuit.probe_settled()
 
     # Stopping
 
@@ -576,14 +475,3 @@ class Consumer:
 
 
 _REDELIVERED = "channel closed; the broker will redeliver the message"
-
-
-def _message_fields(message: Delivery) -> dict[str, Any]:
-    """The ids every message event carries (``request_id``: the correlation id, under the
-    name request-tracing tools look for)."""
-    correlation_id = message.correlation_id
-    return {
-        "message_id": message.message_id,
-        "correlation_id": correlation_id,
-        "request_id": correlation_id,
-    }

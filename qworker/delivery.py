@@ -98,3 +98,14 @@ class Delivery:
             app_id=p.app_id,
             cluster_id=p.cluster_id,
         )
+
+
+def message_fields(message: Delivery) -> dict[str, Any]:
+    """The ids every message event carries (``request_id``: the correlation id, under the
+    name request-tracing tools look for)."""
+    correlation_id = message.correlation_id
+    return {
+        "message_id": message.message_id,
+        "correlation_id": correlation_id,
+        "request_id": correlation_id,
+    }

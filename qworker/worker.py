@@ -16,11 +16,12 @@ from qworker.alerts import DEFAULT_DLQ_POLL, watching_needed
 from qworker.app import App
 from qworker.backoff import Backoff
 from qworker.connection import CONNECT_ERRORS, close_quietly, connect
-from qworker.consumer import Consumer, Policy
+from qworker.consumer import Consumer
 from qworker.errors import ConfigurationError
 from qworker.exclusion import Exclusion
 from qworker.logging import configure_logging
 from qworker.redact import mask_url
+from qworker.serving import Policy
 from qworker.supervisor import child_relay, supervised_child
 from qworker.topology import check, declare
 
