@@ -1,4 +1,4 @@
-"""The ``qworker`` command line: ``run``, ``topology`` and ``dlq``.
+"""The ``qworker`` command line: ``run``, ``topology``, ``dlq`` and ``console``.
 
 Exit codes: 0 success; 1 runtime failure (broker unreachable, queue missing,
 unreadable file, ...); 2 bad usage or arguments; 3 the app cannot be loaded or is
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import click
 
+from qworker.cli.console import console
 from qworker.cli.dlq import dlq
 from qworker.cli.run import run, topology
 
@@ -24,6 +25,7 @@ def cli() -> None:
 cli.add_command(run)
 cli.add_command(topology)
 cli.add_command(dlq)
+cli.add_command(console)
 
 
 def main() -> None:
