@@ -54,7 +54,6 @@ from qworker.console.jobs import Job, JobKind, Jobs
 from qworker.dlq.cursor import select
 from qworker.dlq.management import list_dlqs
 from qworker.dlq.probes import queue_depth
-from qworker.dlq.records import queue_name_problem
 from qworker.errors import (
     BadTarget,
     BrokerUnavailable,
@@ -93,6 +92,8 @@ PAGE_BYTES = 16 * 1024 * 1024
 TOP_GROUPS = 3
 #: An export is written to a temporary file that stays in memory up to this size.
 EXPORT_SPOOL = 8 * 1024 * 1024
+#: AMQP's limit on a queue name (a short string).
+MAX_QUEUE_BYTES = 255
 #: On stop, running jobs get this long to end before they are cancelled.
 STOP_GRACE = 10.0
 
@@ -145,10 +146,16 @@ def _api_names(message: str) -> str:
 
 
 def check_queue_name(name: str) -> None:
-    """Raise :class:`Invalid` for a name no queue can have (before asking the broker)."""
-    problem = queue_name_problem(name, None)
-    if problem is not None:
-        raise Invalid(f"not a queue name: {problem}")
+    """Raise :class:`Invalid` for a name no queue can have (before asking the broker).
+
+    Any other name is read as it is, control characters included (a careless producer
+    can declare such a queue, and its dead letters must still be visible); where a
+    replay may go is checked by the library (:func:`qworker.dlq.records.queue_name_problem`).
+    """
+    if not name:
+        raise Invalid("not a queue name: empty")
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_QUEUE_BYTES:
+        raise Invalid(f"not a queue name: longer than {MAX_QUEUE_BYTES} bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,14 +363,19 @@ class Console:
 
     async def _overview_of(self, name: str) -> DlqOverview:
         try:
+            check_queue_name(name)
             depth = await self._depth(name)
         except NotFound:
             return DlqOverview(name, exists=False, problem="the broker has no such queue (yet)")
+        except Invalid as exc:
+            return DlqOverview(name, exists=False, problem=exc.message)
         if depth == 0 and name not in self._acting:
             return DlqOverview(name, exists=True)
         try:
             scan = await self.scan(name)
-        except (Busy, Refused) as exc:
+        except Unavailable:
+            raise
+        except ConsoleError as exc:  # busy, refused, vanished: one DLQ must not hide the others
             cached = self._scans.get(name)
             return DlqOverview(
                 name,
