@@ -34,6 +34,7 @@ from starlette.routing import Route
 from qworker import dlq as lib
 from qworker.console import paths
 from qworker.console.errors import ConsoleError, Invalid
+from qworker.console.masking import masked_record
 from qworker.console.openapi import DESCRIPTION
 from qworker.console.service import FILTER_KEYS, PAGE_LIMIT, Console, filter_from
 from qworker.dlq import audit
@@ -154,14 +155,19 @@ async def messages(request: Request) -> Response:
     headers = {}
     if page.next_offset is not None:
         headers["x-qworker-next-offset"] = str(page.next_offset)
-    return JSONResponse([to_record(dl) for dl in page.records], headers=headers)
+    return JSONResponse([shown(dl) for dl in page.records], headers=headers)
 
 
 async def message(request: Request) -> Response:
     found = await console_of(request).message(
         request.path_params["dlq"], request.path_params["message_id"]
     )
-    return JSONResponse(to_record(found))
+    return JSONResponse(shown(found))
+
+
+def shown(dl: lib.DeadLetter) -> dict[str, Any]:
+    """A dead letter as the API shows it: the export format, secret-looking headers masked."""
+    return masked_record(to_record(dl))
 
 
 def _safe_filename(name: str) -> str:

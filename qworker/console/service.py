@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import tempfile
 import time
@@ -51,7 +52,9 @@ from qworker.console.errors import (
     Unprocessable,
 )
 from qworker.console.jobs import Job, JobKind, Jobs
+from qworker.console.masking import masked_record
 from qworker.dlq.cursor import select
+from qworker.dlq.jsonl import to_record
 from qworker.dlq.management import list_dlqs
 from qworker.dlq.probes import queue_depth
 from qworker.errors import (
@@ -490,13 +493,19 @@ class Console:
     ) -> AsyncIterator[IO[str]]:
         """The matching dead letters as JSONL, in a temporary file (rewound) for the response.
 
-        The DLQ is read (and given back) before the file is handed over, so a slow
-        download does not hold the DLQ.
+        The export format of ``qworker dlq export``, with secret-looking header values
+        masked (:mod:`qworker.console.masking`). The DLQ is read (and given back) before
+        the file is handed over, so a slow download does not hold the DLQ.
         """
         check_queue_name(dlq)
         with tempfile.SpooledTemporaryFile(EXPORT_SPOOL, mode="w+", encoding="utf-8") as out:
+
+            def write(dl: lib.DeadLetter) -> None:
+                record = masked_record(to_record(dl))
+                out.write(json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n")
+
             async with self._reading(dlq) as connection:
-                await lib.export(connection, dlq, out, chosen=chosen, limit=limit)  # type: ignore[arg-type]
+                await lib.browse(connection, dlq, write, chosen=chosen, limit=limit)
             out.seek(0)
             yield out
 
