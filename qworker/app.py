@@ -7,7 +7,7 @@ import inspect
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from aio_pika.abc import AbstractConnection
 from typing_extensions import Unpack
@@ -37,6 +37,9 @@ from qworker.redact import mask_url
 from qworker.retry import RetryPolicy
 from qworker.topology import DEFAULT_DELIVERY_LIMIT, QueueSpec, declare, queue_specs
 
+if TYPE_CHECKING:
+    from qworker.tracing import Tracing
+
 
 class App:
     """A set of handlers sharing a broker and failure settings.
@@ -59,6 +62,10 @@ class App:
             field of every log event. Default: ``QWORKER_ENV``, else none.
         runbooks: Runbook links by error code (``{"CUSTOMER_UNKNOWN": "https://..."}``),
             for failures whose handler has no ``runbook=`` of its own.
+        tracing: Trace with OpenTelemetry when ``opentelemetry-api`` is installed
+            (``qworker[otel]``) and the application configured a tracer provider; qworker
+            never configures one. False: never. Decided when a worker starts (and at the
+            first publish of an app that only publishes). See docs/operations.md, Tracing.
     """
 
     def __init__(
@@ -73,6 +80,7 @@ class App:
         declare: bool = True,
         environment: str | None = None,
         runbooks: Mapping[str, str] | None = None,
+        tracing: bool = True,
     ) -> None:
         self.urls = normalise_urls(url)
         self.name = name
@@ -102,6 +110,10 @@ class App:
         self._publisher: ConfirmedPublisher | None = None
         self._lock = asyncio.Lock()
         self._closing: asyncio.Future[Any] | None = None
+        #: ``App(tracing=...)``: whether tracing may be on (see :meth:`start_tracing`).
+        self.tracing = bool(tracing)
+        self._tracer: Tracing | None = None
+        self._tracing_decided = False
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, urls={[mask_url(u) for u in self.urls]})"
@@ -285,7 +297,32 @@ class App:
         )
         publisher = await self._ensure_publisher()
         exchange = options.get("exchange", "")
-        await publisher.publish(message, queue_or_routing_key, exchange=exchange)
+        tracer = self._tracer if self._tracing_decided else self.start_tracing()
+        if tracer is None:
+            await publisher.publish(message, queue_or_routing_key, exchange=exchange)
+            return
+        with tracer.publishing(
+            message.headers,
+            queue_or_routing_key,
+            exchange,
+            message.message_id,
+            message.correlation_id,
+        ):
+            await publisher.publish(message, queue_or_routing_key, exchange=exchange)
+
+    def start_tracing(self) -> Tracing | None:
+        """Decide now whether this app traces (:func:`qworker.tracing.resolve`), and keep
+        the answer: a worker calls it when it starts, :meth:`publish` before its first
+        publish. None when tracing is off."""
+        self._tracer = None
+        if self.tracing:
+            # Imported only when it may be used: without the otel extra, or with
+            # tracing=False, OpenTelemetry is never imported.
+            from qworker.tracing import resolve
+
+            self._tracer = resolve()
+        self._tracing_decided = True
+        return self._tracer
 
     async def _ensure_connection(self) -> AbstractConnection:
         async with self._lock:

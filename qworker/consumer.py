@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aio_pika.abc import AbstractConnection
@@ -47,6 +47,9 @@ from qworker.verdict import (
     admit,
     judge,
 )
+
+if TYPE_CHECKING:
+    from qworker.tracing import ConsumerSpan
 
 #: Seconds between two looks at an empty quarantine (a passive declare each), growing to
 #: the ceiling while it stays empty; a quarantine move by this process wakes it at once.
@@ -108,6 +111,8 @@ class Consumer:
             else None
         )
         self._server = Server(handler, policy, publish, self._log, self._circuit)
+        #: Decided when the worker started; None (off) costs one test per delivery.
+        self._tracing = policy.tracing
         self._moves = Backoff(first=0.5, ceiling=30.0)
         self._reopens = Backoff(first=0.5, ceiling=30.0, jitter=0.2)
         self._connection: AbstractConnection | None = None
@@ -276,10 +281,15 @@ class Consumer:
                 await asyncio.sleep(pause)
             self.in_flight += 1
             self._report.in_flight(self.in_flight)
+            span: ConsumerSpan | None = None
             try:
+                if self._tracing is not None:
+                    span = self._tracing.consuming(message, self.handler.queue, self.handler.name)
                 admission = admit(message.redelivered, self.handler, message.headers)
                 if isinstance(admission, Quarantine):
-                    await self.apply(message, gate, admission)
+                    done = await self.apply(message, gate, admission)
+                    if span is not None:
+                        span.settled(admission, None, done)
                     return
                 route: Route
                 run: Run | None
@@ -298,17 +308,26 @@ class Consumer:
                     message.headers,
                     random_fraction=random.random(),
                     runbooks=self._policy.runbooks,
+                    trace=span.copy_headers() if span is not None else None,
                 )
-                await self.apply(message, gate, verdict, run)
+                done = await self.apply(message, gate, verdict, run)
+                if span is not None:
+                    span.settled(verdict, run, done)
             except asyncio.CancelledError:
                 # Grace period over: the handler did not finish; give the message back.
                 await asyncio.shield(self.apply(message, gate, RETURNED_ON_STOP))
+                if span is not None:
+                    span.settled(RETURNED_ON_STOP, None, True)
                 raise
             except Exception:
                 # A bug of ours must not kill the consumer nor lose the message.
                 self._log.exception("message.internal_error", **message_fields(message))
                 await self.apply(message, gate, RETURNED_AFTER_INTERNAL_ERROR)
+                if span is not None:
+                    span.settled(RETURNED_AFTER_INTERNAL_ERROR, None, True)
             finally:
+                if span is not None:
+                    span.end()
                 self.in_flight -= 1
                 self._report.in_flight(self.in_flight)
 
@@ -316,28 +335,34 @@ class Consumer:
 
     async def apply(
         self, message: Delivery, gate: Gate, verdict: Verdict, run: Run | None = None
-    ) -> None:
-        """Carry out ``verdict`` for ``message``, which came through ``gate``."""
+    ) -> bool:
+        """Carry out ``verdict`` for ``message``, which came through ``gate``; False when it
+        could not be (the copy was refused, the channel closed: the broker has it back)."""
         if isinstance(verdict, Ack):
-            if await self._settle(message, "ack"):
-                attempt = run.attempt if run is not None else None
-                level = self._log.debug if verdict.event == "message.succeeded" else self._log.info
-                level(verdict.event, **message_fields(message), attempt=attempt)
-                if run is not None:
-                    self._report.succeeded(message, run)
-        elif isinstance(verdict, Return):
-            if await self._settle(message, "reject" if verdict.counted else "nack"):
-                self._log.debug(verdict.event, **message_fields(message))
-        elif isinstance(verdict, Quarantine):
+            if not await self._settle(message, "ack"):
+                return False
+            attempt = run.attempt if run is not None else None
+            level = self._log.debug if verdict.event == "message.succeeded" else self._log.info
+            level(verdict.event, **message_fields(message), attempt=attempt)
+            if run is not None:
+                self._report.succeeded(message, run)
+            return True
+        if isinstance(verdict, Return):
+            if not await self._settle(message, "reject" if verdict.counted else "nack"):
+                return False
+            self._log.debug(verdict.event, **message_fields(message))
+            return True
+        if isinstance(verdict, Quarantine):
             log = self._log.bind(**message_fields(message), crashes=verdict.crashes)
-            if await self._copy(message, gate, verdict.target, verdict.headers, None, log):
-                log.warning("message.quarantined", target=verdict.target)
-                self._exclusion.wake()
-        else:
-            assert run is not None
-            await self._move(message, gate, verdict, run)
+            if not await self._copy(message, gate, verdict.target, verdict.headers, None, log):
+                return False
+            log.warning("message.quarantined", target=verdict.target)
+            self._exclusion.wake()
+            return True
+        assert run is not None
+        return await self._move(message, gate, verdict, run)
 
-    async def _move(self, message: Delivery, gate: Gate, move: Move, run: Run) -> None:
+    async def _move(self, message: Delivery, gate: Gate, move: Move, run: Run) -> bool:
         """Publish the copy on the delivery's channel, wait for its confirm, then ack.
 
         The confirm is awaited as long as the channel lives (a broker in a memory alarm
@@ -362,9 +387,9 @@ class Consumer:
                 await self._declare_tier(gate, move.tier_ms)
             except Exception as exc:
                 await self._copy_failed(message, gate, move.target, exc, log)
-                return
+                return False
         if not await self._copy(message, gate, move.target, move.headers, move.expiration_ms, log):
-            return
+            return False
         if move.kind is OutcomeKind.RETRIED:
             log.warning("message.retry_scheduled", delay=move.wait_seconds, tier=move.target)
         else:
@@ -376,6 +401,7 @@ class Consumer:
                 stack_trace=move.error.traceback,
             )
         self._report.moved(message, run, move)
+        return True
 
     async def _copy(
         self,

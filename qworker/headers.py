@@ -8,6 +8,7 @@ grow a message without bound nor survive into a dead letter as if it were ours.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -50,6 +51,12 @@ ERROR_CODE = "x-qworker-error-code"
 #: The broker's dead-letter history (``x-death``), merged by (queue, reason), readable for
 #: people and inert for the broker (see ``BROKER_HEADERS``).
 DEATHS = "x-qworker-deaths"
+#: The trace id (32 lowercase hex) of the attempt that wrote the copy, when it was traced.
+TRACE_ID = "x-qworker-trace-id"
+#: The span of the attempt that wrote the copy, in W3C ``traceparent`` form
+#: (``00-<trace id>-<span id>-<flags>``): the next attempt's span links to it, and so does a
+#: replay's. Kept through quarantine and replay (see :mod:`qworker.tracing`).
+PREVIOUS_SPAN = "x-qworker-previous-span"
 
 #: Failure headers that replay resets.
 FAILURE_HEADERS = frozenset(
@@ -68,6 +75,7 @@ FAILURE_HEADERS = frozenset(
         ERROR_CODE,
         RUNBOOK,
         CRASHES,
+        TRACE_ID,
     }
 )
 
@@ -82,6 +90,7 @@ NAMES = FAILURE_HEADERS | {
     REPLAY_COUNT,
     REPLAYED_AT,
     REPLAY_ID,
+    PREVIOUS_SPAN,
 }
 
 HISTORY_LENGTH = 10
@@ -128,6 +137,36 @@ def read_time(headers: Mapping[str, Any] | None, name: str) -> str | None:
     if parsed is None or parsed.utcoffset() != timedelta(0):
         return None
     return value
+
+
+_HEX_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+_SPAN_REF = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def read_trace_id(headers: Mapping[str, Any] | None) -> str | None:
+    """``x-qworker-trace-id`` when it is a W3C trace id (32 lowercase hex, not all zero)."""
+    value = read_str(headers, TRACE_ID, 64)
+    if value is None or not _HEX_TRACE_ID.fullmatch(value) or not int(value, 16):
+        return None
+    return value
+
+
+def read_span_ref(headers: Mapping[str, Any] | None, name: str) -> tuple[int, int, int] | None:
+    """A span written in ``traceparent`` form (version 00) as (trace id, span id, flags);
+    None when absent, malformed, of another version, or with an all-zero id."""
+    value = read_str(headers, name, 64)
+    found = _SPAN_REF.fullmatch(value) if value is not None else None
+    if found is None:
+        return None
+    trace_id, span_id, flags = (int(part, 16) for part in found.groups())
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, flags
+
+
+def span_ref(trace_id: int, span_id: int, flags: int) -> str:
+    """A span in ``traceparent`` form, as :func:`read_span_ref` reads it."""
+    return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
 
 
 def read_history(headers: Mapping[str, Any] | None) -> list[Failure]:
@@ -260,11 +299,25 @@ def failure_headers(
     reason: str | None = None,
     at: str | None = None,
     runbook: str | None = None,
+    trace: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The headers of the copy published after failed attempt number ``attempt``.
 
-    User headers are kept; all ``x-qworker-*`` headers are rewritten from
-    sanitised values, and together stay under ``TOTAL_LIMIT`` bytes.
+    User headers are kept (a W3C ``traceparent`` among them: every attempt stays in the
+    producer's trace); all ``x-qworker-*`` headers are rewritten from sanitised values,
+    and together stay under ``TOTAL_LIMIT`` bytes.
+
+    Args:
+        incoming: The delivery's headers, as received (untrusted).
+        error: The failure, captured (redacted, capped).
+        attempt: The number of the failed attempt.
+        classification: ``transient`` or ``permanent``.
+        origin: Where the delivery came from and who handled it.
+        reason: The dead-letter reason (dead letters only).
+        at: The failure time (ISO 8601); now when None.
+        runbook: The failure's runbook link, if any.
+        trace: ``x-qworker-trace-id`` and ``x-qworker-previous-span`` of the traced attempt
+            (from :meth:`qworker.tracing.ConsumerSpan.copy_headers`); None when not traced.
     """
     at = at or now_iso()
     history = read_history(incoming)
@@ -295,6 +348,8 @@ def failure_headers(
         ours[RUNBOOK] = truncate(runbook, NAME_LIMIT * 4)
     if deaths := read_deaths(incoming):
         ours[DEATHS] = deaths
+    if trace:
+        ours.update(trace)
     replays = read_int(incoming, REPLAY_COUNT)
     if replays:
         ours[REPLAY_COUNT] = replays
@@ -312,9 +367,11 @@ def replay_headers(
     """The headers of a replayed dead letter: failure context reset, replay counted.
 
     Origin headers (queue, handler, original exchange and routing key) are kept,
-    sanitised, so that a later failure still records where the message began.
-    ``replay_id`` (the audit trail's id of the replay) is written to ``x-qworker-replay-id``
-    and kept through later failures, so that a replayed message that dies again is known.
+    sanitised, so that a later failure still records where the message began, and so is
+    ``x-qworker-previous-span`` (well formed only), so that the replayed attempt's span
+    links to the attempt that died. ``replay_id`` (the audit trail's id of the replay) is
+    written to ``x-qworker-replay-id`` and kept through later failures, so that a replayed
+    message that dies again is known.
     """
     kept: dict[str, Any] = {
         name: value
@@ -323,6 +380,8 @@ def replay_headers(
     }
     if deaths := read_deaths(incoming):
         kept[DEATHS] = deaths
+    if (previous := read_span_ref(incoming, PREVIOUS_SPAN)) is not None:
+        kept[PREVIOUS_SPAN] = span_ref(*previous)
     return {
         **foreign_removed(incoming),
         **kept,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, Literal
 
 import structlog
@@ -34,6 +34,8 @@ _ALREADY_SAFE = frozenset(
         "stack_trace",
         "fingerprint",
         "error_code",
+        "trace_id",
+        "span_id",
     }
 )
 
@@ -45,6 +47,33 @@ def redact_values(
     for key, value in event_dict.items():
         if isinstance(value, str) and key not in _ALREADY_SAFE:
             event_dict[key] = redact(value)
+    return event_dict
+
+
+#: Where :func:`add_trace_ids` reads the active span's ids; None until tracing is on in
+#: this process (set by :func:`qworker.tracing.resolve`), so that without tracing the
+#: processor is one global read and no OpenTelemetry call.
+_trace_ids: Callable[[], tuple[str, str] | None] | None = None
+
+
+def trace_ids_from(source: Callable[[], tuple[str, str] | None]) -> None:
+    """Let :func:`add_trace_ids` read (trace id, span id) from ``source`` from now on.
+
+    Args:
+        source: Returns the active span's ids as hex, or None without an active span.
+    """
+    global _trace_ids
+    _trace_ids = source
+
+
+def add_trace_ids(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A structlog processor adding ``trace_id`` and ``span_id`` while a span is active
+    (OpenTelemetry's hex forms, so that log lines and traces join)."""
+    source = _trace_ids
+    if source is not None and "trace_id" not in event_dict and (ids := source()) is not None:
+        event_dict["trace_id"], event_dict["span_id"] = ids
     return event_dict
 
 
@@ -67,6 +96,7 @@ def configure_logging(log_format: LogFormat | None = None, level: str = "INFO") 
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            add_trace_ids,
             redact_values,
             renderer,
         ],

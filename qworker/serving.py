@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -23,6 +24,9 @@ from qworker.handler import Handler
 from qworker.runner import Runner
 from qworker.verdict import Fallback, Route, Run, wants_fallback
 
+if TYPE_CHECKING:
+    from qworker.tracing import Tracing
+
 
 @dataclass(frozen=True, slots=True)
 class Policy:
@@ -36,6 +40,7 @@ class Policy:
         runbooks: Runbook links by error code (``App(runbooks=...)``).
         confirm_timeout: Seconds after which a copy still waiting for its confirm is
             logged (``message.confirm_slow``); the wait itself goes on (see :meth:`Consumer.apply`).
+        tracing: Spans for deliveries (see :mod:`qworker.tracing`); None when tracing is off.
     """
 
     classifier: Classifier | None
@@ -44,6 +49,7 @@ class Policy:
     observers: Sequence[Observer] = ()
     confirm_timeout: float = 10.0
     runbooks: Mapping[str, str] = field(default_factory=dict)
+    tracing: Tracing | None = None
 
 
 class Server:

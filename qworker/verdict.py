@@ -184,6 +184,7 @@ def judge(
     random_fraction: float,
     at: str | None = None,
     runbooks: Mapping[str, str] | None = None,
+    trace: Mapping[str, str] | None = None,
 ) -> Verdict:
     """The verdict for a delivery that came through ``route`` and was served as ``run``.
 
@@ -197,6 +198,8 @@ def judge(
         at: The failure time (ISO 8601); now when None.
         runbooks: The app's runbook links by error code (the handler's own ``runbook``
             comes first).
+        trace: The trace headers a copy carries when the delivery is traced (see
+            :func:`qworker.headers.failure_headers`); None when it is not.
     """
     if route is Route.RETURN or run is None:
         return RETURNED_CIRCUIT_OPEN
@@ -226,6 +229,7 @@ def judge(
         reason=reason,
         at=at,
         runbook=runbook,
+        trace=trace,
     )
     if decision.action is Action.RETRY:
         plan = plan_retry(

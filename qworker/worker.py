@@ -95,6 +95,8 @@ class Worker:
             app.observers,
             app.confirm_timeout,
             app.runbooks,
+            # Decided once for the worker's life: the serving path tests one attribute.
+            tracing=app.start_tracing(),
         )
         # Two consumers per handler for the worker's lifetime (its work queue and its
         # quarantine, sharing one Exclusion); they re-attach on every connect.

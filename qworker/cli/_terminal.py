@@ -130,7 +130,7 @@ def print_dead_letters(
 
 
 #: Column widths of ``show --limit 0``, whose rows are printed as they are read.
-STREAM_WIDTHS = (32, 5, 17, 40, 24, 30, 3, 60)
+STREAM_WIDTHS = (32, 5, 17, 40, 24, 30, 3, 60, 32)
 _SHOW_COLUMNS = (
     "ID",
     "AGE",
@@ -140,6 +140,7 @@ _SHOW_COLUMNS = (
     "HANDLER",
     "ATT",
     "MESSAGE",
+    "TRACE",
     "BODY",
 )
 
@@ -154,6 +155,7 @@ def _row(dl: lib.DeadLetter, now: datetime) -> tuple[object, ...]:
         dl.handler or "-",
         dl.attempt,
         dl.summary_line()[:120],
+        dl.trace_id or "-",
         dl.body[:60].decode("utf-8", "replace"),
     )
 

@@ -4,7 +4,7 @@ A record holds ``queue`` (the DLQ it was read from), ``properties``, ``headers``
 ``body`` with ``body_encoding`` (``utf-8`` text when the body is valid UTF-8,
 else ``base64``), and, for people and ``jq``, the derived ``message_id``,
 ``reason``, ``error_type``, ``failed_at``, ``fingerprint`` (the failure group),
-``error_code`` and ``runbook`` (ignored when a record is read back: they are
+``error_code``, ``runbook`` and ``trace_id`` (ignored when a record is read back: they are
 derived from the headers again, so exports written before they existed read the
 same). Datetimes become ISO 8601 strings and binary header values base64 text,
 so header types are not kept exactly; bodies and properties are.
@@ -71,6 +71,7 @@ def to_record(dl: DeadLetter) -> dict[str, Any]:
         "fingerprint": dl.fingerprint,
         "error_code": dl.error_code,
         "runbook": dl.runbook,
+        "trace_id": dl.trace_id,
         "properties": jsonable(dl.properties),
         "headers": jsonable(dl.headers),
         **body_fields(dl.body),

@@ -67,6 +67,8 @@ class DeadLetter:
     (``x-qworker-error-code``, only when it looks like a code) and ``runbook``
     (``x-qworker-runbook``) are read from qworker failure copies only: on a broker
     dead letter such headers can only come from the producer, and are ignored here.
+    So is ``trace_id`` (``x-qworker-trace-id``, 32 hex: the trace of the attempt that
+    dead-lettered it, when the worker traced it; see :mod:`qworker.tracing`).
     Every text is producer-controllable: print it through
     :func:`qworker.redact.escape_control`.
     """
@@ -89,6 +91,7 @@ class DeadLetter:
     fingerprint: str
     error_code: str | None
     runbook: str | None
+    trace_id: str | None = None
 
     def summary_line(self) -> str:
         """The first line of the error message (or of the broker's reason), terminal-safe."""
@@ -187,6 +190,7 @@ def dead_letter(
         fingerprint=written if written is not None and _FINGERPRINT.fullmatch(written) else "",
         error_code=code if code is not None and ERROR_CODE.fullmatch(code) else None,
         runbook=None if from_broker else h.read_str(headers, h.RUNBOOK, RUNBOOK_LIMIT) or None,
+        trace_id=None if from_broker else h.read_trace_id(headers),
     )
     if not dl.fingerprint:  # an older dead letter, a broker one, or a garbled header
         dl = replace(dl, fingerprint=computed_fingerprint(dl))

@@ -263,7 +263,10 @@ def _sender(
     publisher: ConfirmedPublisher,
     reopen: Callable[[], Awaitable[ConfirmedPublisher]],
 ) -> Sender:
-    """The sender of one replay: its window, rate and replay id, channel reopening."""
+    """The sender of one replay: its window, rate and replay id, channel reopening, and
+    whether this process traces (decided here, once per replay)."""
+    from qworker.tracing import resolve
+
     return Sender(
         publisher,
         result,
@@ -272,6 +275,7 @@ def _sender(
         rate=options.rate,
         reopen=reopen,
         replay_id=result.replay_id,
+        tracing=resolve(),
     )
 
 

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aio_pika
 import pamqp.frame
@@ -33,6 +34,9 @@ from qworker.dlq.records import DeadLetter, replay_properties
 from qworker.errors import PublishFailed
 from qworker.failures import truncate
 from qworker.publish import ConfirmedPublisher
+
+if TYPE_CHECKING:
+    from qworker.tracing import Tracing
 
 #: Publishes awaiting their confirm at once.
 DEFAULT_WINDOW = 100
@@ -136,6 +140,17 @@ class Sender:
     and the others go on; when the publishing channel was closed, ``reopen``
     gives a fresh publisher. A failure that is not one message's (see the module
     docstring) stops it: later :meth:`send` calls return None.
+
+    Args:
+        publisher: Publishes the copies (confirm mode).
+        result: Where the outcome of each message is counted.
+        on_event: Called with every :class:`Event`.
+        window: Publishes awaiting their confirm at once.
+        rate: Copies per second at most (None: as fast as confirms come).
+        reopen: Gives a fresh publisher after the broker closed the channel.
+        replay_id: Written to every copy (``x-qworker-replay-id``).
+        tracing: When tracing is on: each copy is published inside a ``replay`` span that
+            links to the dead letter's trace (see :meth:`qworker.tracing.Tracing.replaying`).
     """
 
     def __init__(
@@ -148,9 +163,11 @@ class Sender:
         rate: float | None = None,
         reopen: Reopen | None = None,
         replay_id: str | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._publisher = publisher
         self._replay_id = replay_id
+        self._tracing = tracing
         self._reopen = reopen
         self._reopening = asyncio.Lock()
         self._losses = 0
@@ -204,7 +221,14 @@ class Sender:
     ) -> None:
         publisher = self._publisher
         try:
-            await publisher.publish(message, target)
+            if self._tracing is None:
+                await publisher.publish(message, target)
+            else:
+                dead, copy = dl.headers, message.headers
+                with self._tracing.replaying(
+                    dead, copy, dl.queue, target, message.message_id, self._replay_id
+                ):
+                    await publisher.publish(message, target)
         except Exception as exc:
             detail = _one_line(exc) if isinstance(exc, PublishFailed) else _describe(exc)
             self.report(Event(dl, ReplayOutcome.FAILED, target, detail))

@@ -157,6 +157,7 @@ def test_failure_headers_sets_every_header_with_the_right_type() -> None:
     out = _fail({}, attempt=1, error=error)
     optional = {h.REASON, h.REPLAY_COUNT, h.REPLAYED_AT, h.REPLAY_ID}
     optional |= {h.DEATHS, h.DROPPED_HEADERS, h.ERROR_CODE, h.RUNBOOK, h.CRASHES}
+    optional |= {h.TRACE_ID, h.PREVIOUS_SPAN}  # only when the attempt was traced
     assert set(_ours(out)) == OUR_NAMES - optional
     assert out[h.ATTEMPT] == 1
     assert out[h.ERROR_TYPE] == f"{__name__}.ChargeDeclined"
