@@ -57,6 +57,12 @@ TRACE_ID = "x-qworker-trace-id"
 #: (``00-<trace id>-<span id>-<flags>``): the next attempt's span links to it, and so does a
 #: replay's. Kept through quarantine and replay (see :mod:`qworker.tracing`).
 PREVIOUS_SPAN = "x-qworker-previous-span"
+#: W3C trace context, written by a traced publish (user headers: copies keep them as they are).
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+#: A ``traceparent`` at most this long (55 characters in version 00) is never dropped to fit
+#: a copy into the frame: it is what keeps a failure in its trace.
+_TRACEPARENT_KEPT = 64
 
 #: Failure headers that replay resets.
 FAILURE_HEADERS = frozenset(
@@ -437,8 +443,9 @@ def fit_frame(
     AMQP sends a message's properties in one frame, so a copy whose headers outgrow the
     negotiated ``frame_max`` makes the broker close the connection (``frame_too_large``)
     and the copy can never be published. User headers give way first, largest first, and
-    are named with their sizes in ``x-qworker-dropped-headers``; then qworker's traceback,
-    history and error message are cut. ``size`` is the exact encoded size (costly); it is
+    are named with their sizes in ``x-qworker-dropped-headers`` (a ``traceparent`` of normal
+    size is kept: it costs 55 bytes and keeps the copy in its trace); then qworker's
+    traceback, history and error message are cut. ``size`` is the exact encoded size (costly); it is
     only called when the cheap estimate says the headers may not fit.
     """
     if sum(len(k) + 1 + encoded_size(v) for k, v in headers.items()) <= budget // 2:
@@ -448,7 +455,12 @@ def fit_frame(
     fitted = dict(headers)
     dropped: list[str] = []
     users = sorted(
-        (k for k in fitted if not k.startswith(PREFIX)),
+        (
+            k
+            for k in fitted
+            if not k.startswith(PREFIX)
+            and not (k == TRACEPARENT and encoded_size(fitted[k]) <= _TRACEPARENT_KEPT)
+        ),
         key=lambda k: encoded_size(fitted[k]),
         reverse=True,
     )

@@ -351,7 +351,7 @@ class Tracing:
         with self.tracer.start_as_current_span(
             f"replay {dlq}", kind=trace.SpanKind.PRODUCER, attributes=attributes, links=links
         ):
-            for name in ("traceparent", "tracestate"):
+            for name in (h.TRACEPARENT, h.TRACESTATE):
                 headers.pop(name, None)  # the dead letter's: the copy carries the replay's
             _W3C.inject(headers)
             yield

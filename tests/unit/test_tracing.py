@@ -398,3 +398,30 @@ def test_add_trace_ids_adds_the_active_span_ids_and_nothing_without_one(
         "trace_id": f"{context.trace_id:032x}",
         "span_id": f"{context.span_id:016x}",
     }
+
+
+# Header caps: the trace headers are small and never what gives way first.
+
+
+@pytest.mark.parametrize("budget", [4088, 8184])
+def test_a_traced_copy_fits_the_frame_and_keeps_its_trace_headers(budget: int) -> None:
+    """Fitting a traced copy to the smallest frames cuts user headers and texts first: the
+    trace id, the previous span and the producer's ``traceparent`` stay."""
+    from pamqp.commands import Basic
+
+    from qworker.publish import _header_frame_size
+
+    size = _header_frame_size(Basic.Properties(message_id="m-1"))
+    trace_headers = {h.TRACE_ID: TRACE, h.PREVIOUS_SPAN: f"00-{TRACE}-{SPAN}-01"}
+    copy = h.failure_headers(
+        {"traceparent": f"00-{TRACE}-{SPAN}-01", "big": "x" * 50_000},
+        error=ErrorInfo("builtins.ValueError", "e" * 2000, "t" * 16_000),
+        attempt=1,
+        classification="transient",
+        origin=ORIGIN,
+        trace=trace_headers,
+    )
+    fitted = h.fit_frame(copy, size, budget)
+    assert size(fitted) <= budget
+    assert "big" not in fitted and fitted["traceparent"] == f"00-{TRACE}-{SPAN}-01"
+    assert {k: fitted[k] for k in trace_headers} == trace_headers
