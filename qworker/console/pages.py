@@ -39,6 +39,7 @@ from qworker.console.errors import ConsoleError
 from qworker.console.service import Console, GroupRow, filter_from
 from qworker.dlq import DeadLetter
 from qworker.dlq.jsonl import jsonable
+from qworker.dlq.records import parse_time
 from qworker.redact import escape_control
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -124,7 +125,13 @@ def environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        shown=shown, block=shown_block, q=segment, when=when, http_url=http_url, ago=_ago
+        shown=shown,
+        block=shown_block,
+        q=segment,
+        when=when,
+        when_precise=when_precise,
+        http_url=http_url,
+        ago=_ago,
     )
     env.globals["static"] = _static_url
     return env
@@ -164,9 +171,6 @@ def _ago(value: datetime | None) -> str:
     if seconds < 86400:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 86400}d"
-
-
-templates = Jinja2Templates(env=environment())
 
 
 # What every page needs to know about the session.
@@ -389,6 +393,7 @@ async def message_page(request: Request, dlq: str, message_id: str) -> Response:
                 key=lambda kv: (not kv[0].startswith(h.PREFIX), kv[0]),
             ),
             "timeline": timeline(dl.headers, dl),
+            "deaths": deaths(dl.headers),
             "body": body_view(dl.body, dl.properties.get("content_type")),
             "crumbs": crumbs,
         },
@@ -409,64 +414,97 @@ def _value_text(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Moment:
-    """One entry of a message's failure timeline."""
+    """One entry of a message's failure timeline; ``at`` is None when unreadable."""
 
-    at: str
-    kind: str  # "failure", "death", "first", "last", "replayed"
+    at: datetime | None
+    kind: str  # "failure", "last" (dead-lettered), "replayed"
     title: str
     detail: str
 
 
+#: Same instant: the attempt fails, then the message is dead-lettered, then replayed.
+_KIND_ORDER = {"failure": 0, "last": 1, "replayed": 2}
+
+
 def timeline(headers: Mapping[str, Any], dl: DeadLetter) -> list[Moment]:
-    """The failure history (``x-qworker-history``), the broker's deaths
-    (``x-qworker-deaths`` and ``x-death``) and replays, oldest first."""
+    """The failure history (``x-qworker-history``), the last replay and the dead-lettering,
+    oldest first (entries without a readable time first). The broker's own history is
+    apart (:func:`deaths`): it records whole seconds, too coarse to interleave."""
     moments: list[Moment] = []
     for failure in h.read_history(headers):
         moments.append(
             Moment(
-                failure.at,
+                parse_time(failure.at),
                 "failure",
                 f"attempt {failure.attempt} failed: {failure.error_type or '-'}",
                 failure.error_message,
             )
         )
-    for death in h.read_deaths(headers):
-        stamp = death.get("time")
-        at = when(stamp) if isinstance(stamp, datetime) else ""
-        moments.append(
-            Moment(
-                at,
-                "death",
-                f"dead-lettered by RabbitMQ from {death.get('queue', '?')} "
-                f"({death.get('reason', '?')}, {death.get('count', 1)}x)",
-                f"exchange {death['exchange']!r}" if death.get("exchange") else "",
-            )
-        )
     if replayed := h.read_time(headers, h.REPLAYED_AT):
         count = h.read_int(headers, h.REPLAY_COUNT)
         replay_id = h.read_str(headers, h.REPLAY_ID) or ""
-        moments.append(Moment(replayed, "replayed", f"replayed (replay {count})", replay_id))
+        moments.append(
+            Moment(
+                parse_time(replayed),
+                "replayed",
+                f"replayed (replay number {count})",
+                f"replay id {replay_id}" if replay_id else "",
+            )
+        )
     if dl.failed_at is not None and not dl.from_broker:
         moments.append(
             Moment(
-                when(dl.failed_at),
+                dl.failed_at,
                 "last",
                 f"dead-lettered: {dl.reason}",
                 f"{dl.error_type or '-'} after {dl.attempt} attempt(s)",
             )
         )
-    return sorted(moments, key=lambda m: _sortable(m.at))
+    return sorted(
+        moments,
+        key=lambda m: (m.at is not None, _timestamp(m.at), _KIND_ORDER.get(m.kind, 9)),
+    )
 
 
-def _sortable(at: str) -> str:
-    """ISO texts of mixed precision sort by their UTC instant; unreadable ones first."""
-    try:
-        parsed = datetime.fromisoformat(at.replace("Z", "+00:00"))
-    except ValueError:
-        return ""
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC).isoformat()
+@dataclass(frozen=True, slots=True)
+class Death:
+    """One entry of the broker's dead-letter history of a message."""
+
+    queue: str
+    reason: str
+    count: int
+    last: datetime | None
+    exchange: str
+
+
+def deaths(headers: Mapping[str, Any]) -> list[Death]:
+    """The broker's history (``x-qworker-deaths`` merged with ``x-death``), newest first."""
+    found = []
+    for entry in h.read_deaths(headers):
+        count = entry.get("count", 1)
+        exchange = entry.get("exchange", "")
+        found.append(
+            Death(
+                str(entry.get("queue", "")),
+                str(entry.get("reason", "")),
+                count if isinstance(count, int) else 1,
+                parse_time(entry.get("time")),
+                exchange if isinstance(exchange, str) else "",
+            )
+        )
+    return found
+
+
+def when_precise(value: datetime | None) -> str:
+    """A time in UTC, ISO 8601 with milliseconds when it has them; ``-`` for none."""
+    if value is None:
+        return "-"
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    value = value.astimezone(UTC)
+    if value.microsecond:
+        return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,6 +562,10 @@ async def login_page(request: Request) -> Response:
         target = "/"
     failed = request.query_params.get("failed") is not None
     return _render(request, "login.html", {"next": target, "failed": failed})
+
+
+#: The templates, with :func:`environment` (made once every filter above exists).
+templates = Jinja2Templates(env=environment())
 
 
 def routes() -> Sequence[BaseRoute]:

@@ -155,7 +155,7 @@
     return shown ? list : null;
   }
 
-  function replayView(job, planned) {
+  function replayView(job, planned, canaries) {
     const nodes = [];
     const counts = el("p", "counts");
     counts.appendChild(el("strong", null, num(job.replayed)));
@@ -164,6 +164,12 @@
     nodes.push(el("p", null, "Replay " + job.id + ": " + job.state +
       (job.canary ? " (canary: " + String(job.canary) + ")" : "")));
     nodes.push(counts);
+    if (canaries && job.state === "running" && num(job.replayed) <= canaries) {
+      nodes.push(el("p", "hint", "Canaries first: " + num(job.replayed) + " of " + canaries +
+        " replayed; the rest waits until they are handled and none came back to the DLQ."));
+    } else if (job.state === "queued") {
+      nodes.push(el("p", "hint", "Waiting for another pass over this DLQ to end\u2026"));
+    }
     if (planned) {
       const bar = document.createElement("progress");
       bar.max = planned;
@@ -179,10 +185,16 @@
     return nodes;
   }
 
-  function finished(job, node, extra) {
+  function finished(job, node, extra, dlq) {
     const ok = job.state === "done" && !job.error;
     const children = extra.slice();
-    const back = el("p");
+    const back = el("p", "next");
+    if (dlq) {
+      const toDlq = el("a", null, "Back to " + (decoded(dlq) || "the DLQ") + " (scanned afresh)");
+      toDlq.href = "/dlqs/" + dlq;
+      back.appendChild(toDlq);
+      back.appendChild(document.createTextNode(" \u00b7 "));
+    }
     const reload = el("a", null, "Reload this page");
     reload.href = location.pathname + location.search;
     back.appendChild(reload);
@@ -288,8 +300,9 @@
       show(jobNode, [el("p", null, "Starting the replay\u2026")]);
       try {
         const id = await startJob(path, payload);
-        const job = await follow(id, function (job) { show(jobNode, replayView(job, planned)); });
-        finished(job, jobNode, replayView(job, planned));
+        const canaries = payload.canary || 0;
+        const job = await follow(id, function (job) { show(jobNode, replayView(job, planned, canaries)); });
+        finished(job, jobNode, replayView(job, planned, canaries), dlq);
       } catch (err) {
         problem(jobNode, "The replay failed: " + err.message);
       } finally {
@@ -374,7 +387,7 @@
         for (const note of notes.slice(0, 20)) list.appendChild(el("li", null, note));
         children.push(list);
       }
-      finished({ state: notes.length ? "failed" : "done" }, jobNode, children);
+      finished({ state: notes.length ? "failed" : "done" }, jobNode, children, dlq);
       update();
     });
     update();
@@ -406,7 +419,7 @@
         });
         const children = [el("p", "counts", num(job.purged) + " purged")];
         if (job.error) children.push(el("p", "bad", String(job.error)));
-        finished(job, jobNode, children);
+        finished(job, jobNode, children, dlq);
       } catch (err) {
         problem(jobNode, "The purge failed: " + err.message);
       } finally {

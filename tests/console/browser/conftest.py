@@ -185,8 +185,13 @@ async def log_in(page: Page, base: str, token: str = TOKEN) -> None:
 SCREENSHOTS = os.environ.get("QWORKER_CONSOLE_SCREENSHOTS")
 
 
-async def shoot(page: Page, name: str, *, full_page: bool = True) -> None:
-    """Save a screenshot of ``page`` as ``NAME.png`` when QWORKER_CONSOLE_SCREENSHOTS is set."""
+async def shoot(page: Page, name: str, *, only: str | None = None) -> None:
+    """Save a screenshot of ``page`` (or of its element ``only``, a selector) as ``NAME.png``
+    when QWORKER_CONSOLE_SCREENSHOTS is set."""
     if SCREENSHOTS:
         Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
-        await page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=full_page)
+        path = str(Path(SCREENSHOTS) / f"{name}.png")
+        if only is not None:
+            await page.locator(only).screenshot(path=path)
+        else:
+            await page.screenshot(path=path, full_page=True)

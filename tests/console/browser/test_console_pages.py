@@ -63,13 +63,15 @@ async def test_replay_a_group_with_a_canary_from_the_browser(
     fixed = False
     handled: list[str | None] = []
 
-    @app.handler(queue, retry=once(), runbook=RUNBOOK)
     async def charge(order: Order, ctx: Context) -> None:
         if order.amount_cents < 0:
             raise Permanent(f"amount {order.amount_cents} must be positive", code="bad-amount")
         if not fixed:
             raise Permanent(f"customer {order.customer} not found", code="unknown-customer")
         handled.append(ctx.message_id)
+
+    charge.__qualname__ = "charge"  # named as a module-level handler in the screenshots
+    app.handler(queue, retry=once(), runbook=RUNBOOK)(charge)
 
     cleanup.extend(s.name for s in app.topology())
     async with running(app, concurrency=4):
@@ -103,7 +105,7 @@ async def test_replay_a_group_with_a_canary_from_the_browser(
         counts = await page.locator("tr.group td.count").all_inner_texts()
         assert [c.strip() for c in counts] == ["2", "6"]
         await page.goto(f"{server.url}/dlqs/{q(dlq)}")
-        await shoot(page, "dlq")
+        await shoot(page, "groups")
         big = page.locator("tr.group").first
         fingerprint = await big.get_attribute("data-fingerprint")
         assert fingerprint
@@ -128,13 +130,18 @@ async def test_replay_a_group_with_a_canary_from_the_browser(
         # Replay with canary 2: live progress, then done.
         await page.click("[data-replay-go]")
         job = page.locator("#replay-group [data-job]")
-        await job.locator("p.counts").first.wait_for(timeout=30_000)
-        await shoot(page, "replay-progress", full_page=False)
+        await page.wait_for_function(
+            "() => /Canaries first: 2 of 2 replayed/.test("
+            "document.querySelector('#replay-group [data-job]').textContent)",
+            timeout=30_000,
+        )
+        assert len(handled) <= 2  # the canaries went alone; the other 4 wait
+        await shoot(page, "replay-progress", only="#replay-group")
         await page.wait_for_selector("#replay-group [data-job].done", timeout=90_000)
         text = await job.inner_text()
         assert "6 replayed of 6" in text, text
         assert "passed" in text, text  # the canaries' fate
-        await shoot(page, "replay-done", full_page=False)
+        await shoot(page, "replay-done", only="#replay-group")
 
         await eventually(lambda: len(handled) == 6, timeout=30)
         assert sorted(handled) == [f"order-{i}" for i in range(6)]
@@ -165,9 +172,11 @@ async def test_message_page_and_edit_and_retry_with_validation(
     dlq = f"{queue}.dlq"
     app = App(broker_url, name="billing")
 
-    @app.handler(queue, retry=RetryPolicy(max_attempts=2, initial_delay=0.05, jitter=0))
     async def charge(order: Order) -> None:
-        raise Permanent(f"customer {order.customer} not found", code="unknown-customer")
+        raise LookupError(f"customer {order.customer} not found")  # transient: retried
+
+    charge.__qualname__ = "charge"
+    app.handler(queue, retry=RetryPolicy(max_attempts=3, initial_delay=0.05, jitter=0))(charge)
 
     cleanup.extend(s.name for s in app.topology())
     async with running(app, concurrency=2):
@@ -182,8 +191,8 @@ async def test_message_page_and_edit_and_retry_with_validation(
     await page.goto(f"{server.url}/dlqs/{q(dlq)}/messages/order-1")
     assert (await page.inner_text("#message-id")).strip() == "order-1"
     assert "customer cus_gone not found" in await page.inner_text("#error-message")
-    assert "Permanent" in await page.inner_text("#traceback")
-    assert await page.locator("#timeline li").count() >= 1
+    assert "LookupError" in await page.inner_text("#traceback")
+    assert await page.locator("#timeline li.failure").count() == 3  # x-qworker-history
     headers = await page.inner_text("#headers")
     assert "x-qworker-fingerprint" in headers and "x-qworker-history" in headers
     assert "req-77" in await page.inner_text("#properties")
@@ -197,7 +206,7 @@ async def test_message_page_and_edit_and_retry_with_validation(
     text = await result.inner_text()
     assert "Refused, nothing was published" in text and "amount_cents" in text, text
     assert await depth(amqp, dlq) == 1
-    await shoot(page, "edit-refused", full_page=False)
+    await shoot(page, "edit-refused", only="#edit")
 
     await page.fill(
         "[data-edit-body]", '{"order_id": "o1", "customer": "cus_new", "amount_cents": 1250}'
@@ -321,7 +330,7 @@ async def test_read_only_console_offers_no_working_write_action(
     ):
         for node in await page.locator(control).all():
             assert await node.is_disabled(), control
-    await shoot(page, "read-only", full_page=False)
+    await shoot(page, "read-only")
     await page.goto(f"{server.url}/dlqs/{q(dlq)}/messages/m0")
     assert await page.locator("[data-edit-body]").is_disabled()
     assert await page.locator("[data-edit-go]").is_disabled()
@@ -338,3 +347,41 @@ async def test_read_only_console_offers_no_working_write_action(
     await asyncio.sleep(0.2)
     assert await depth(amqp, dlq) == 2
     watch.assert_clean()
+
+
+async def test_group_messages_are_paginated(
+    queue_name: str,
+    cleanup: list[str],
+    amqp: AbstractConnection,
+    serve_console: ServeConsole,
+    browser: Any,
+) -> None:
+    """60 dead letters of one group: 50 on page 1, 10 on page 2 (no Next), Previous leads
+    back to 50, and the DLQ still holds all 60."""
+    cleanup.extend(await make_dlq(amqp, queue_name))
+    dlq = f"{queue_name}.dlq"
+    await publish(amqp, dlq, letters(queue_name, 60))
+    server = serve_console([dlq])
+    page, watch = await watched_page(browser)
+    try:
+        await page.goto(f"{server.url}/dlqs/{q(dlq)}")
+        await page.locator("tr.group a.fp").first.click()
+        await page.wait_for_selector("table#messages")
+        first = await page.locator("table#messages td.mid a").all_inner_texts()
+        assert len(first) == 50
+        await page.click("nav.pager a[rel=next]")
+        await page.wait_for_url("**?page=2")
+        second = await page.locator("table#messages td.mid a").all_inner_texts()
+        assert len(second) == 10
+        # Not asserted: that the two pages are disjoint. Each page is a new pass over the
+        # DLQ, and on RabbitMQ 3.10 a quorum DLQ's order changes after a pass gives its
+        # messages back, so page 2 may repeat some of page 1 (see docs/console.md).
+        assert set(first + second) <= {f"m{i}" for i in range(60)}
+        assert await page.locator("nav.pager a[rel=next]").count() == 0
+        await page.click("nav.pager a[rel=prev]")
+        await page.wait_for_url("**?page=1")
+        assert await page.locator("table#messages tr.message").count() == 50
+        assert await depth(amqp, dlq) == 60  # browsing removed nothing
+        watch.assert_clean()
+    finally:
+        await page.context.close()

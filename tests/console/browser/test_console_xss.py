@@ -34,7 +34,7 @@ FOREIGN_MARKUP = """() => {
         "HEADER", "NAV", "A", "SPAN", "DIV", "P", "MAIN", "FOOTER", "H1", "H2", "H3", "TABLE",
         "THEAD", "TBODY", "TR", "TH", "TD", "TIME", "OL", "UL", "LI", "STRONG", "CODE", "PRE",
         "DL", "DT", "DD", "SECTION", "LABEL", "INPUT", "BUTTON", "TEXTAREA", "DETAILS",
-        "SUMMARY", "FORM", "BR", "PROGRESS"]);
+        "SUMMARY", "FORM", "BR", "PROGRESS", "WBR"]);
     for (const node of document.querySelectorAll("*")) {
         if (!allowedTags.has(node.tagName)) found.push("element " + node.tagName);
         for (const attr of node.attributes) {
