@@ -9,7 +9,9 @@ the console's own assets is one).
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -26,12 +28,15 @@ from tests.console.browser.conftest import (
     shoot,
     watched_page,
 )
+from tests.console.xss_corpus import hostile_queue
 from tests.support.broker import depth, eventually, eventually_depth
 from tests.support.dlq import drain, letters, make_dlq, publish
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.browser, pytest.mark.timeout(240)]
 
 RUNBOOK = "https://runbooks.example.com/billing/unknown-customer"
+#: A message id that must be percent-encoded in every URL the page and its script make.
+MESSAGE_ID = "order/1 #a+b?c=%41"
 
 
 class Order(BaseModel):
@@ -181,15 +186,15 @@ async def test_message_page_and_edit_and_retry_with_validation(
     cleanup.extend(s.name for s in app.topology())
     async with running(app, concurrency=2):
         order = Order(order_id="o1", customer="cus_gone", amount_cents=1250)
-        await app.publish(queue, order, message_id="order-1", correlation_id="req-77")
+        await app.publish(queue, order, message_id=MESSAGE_ID, correlation_id="req-77")
         await eventually_depth(amqp, dlq, 1)
     await app.close()
 
     server = serve_console([dlq], token=TOKEN, app=app)
     page, watch = await watched_page(browser, allow=("422",))
     await log_in(page, server.url)
-    await page.goto(f"{server.url}/dlqs/{q(dlq)}/messages/order-1")
-    assert (await page.inner_text("#message-id")).strip() == "order-1"
+    await page.goto(f"{server.url}/dlqs/{q(dlq)}/messages/{q(MESSAGE_ID)}")
+    assert (await page.inner_text("#message-id")).strip() == MESSAGE_ID
     assert "customer cus_gone not found" in await page.inner_text("#error-message")
     assert "LookupError" in await page.inner_text("#traceback")
     assert await page.locator("#timeline li.failure").count() == 3  # x-qworker-history
@@ -229,8 +234,8 @@ async def test_purge_needs_the_typed_dlq_name(
     serve_console: ServeConsole,
     browser: Any,
 ) -> None:
-    """The purge button stays disabled until the exact DLQ name is typed; then the
-    group (and only it) is purged."""
+    """The group's export downloads its 3 records; the purge button stays disabled until
+    the exact DLQ name is typed; then the group (and only it) is purged."""
     cleanup.extend(await make_dlq(amqp, queue_name))
     dlq = f"{queue_name}.dlq"
     await publish(
@@ -249,6 +254,12 @@ async def test_purge_needs_the_typed_dlq_name(
     assert (await first.locator("td.count").inner_text()).strip() == "3"
     await first.locator("a.fp").click()
     await page.wait_for_selector("#purge")
+
+    async with page.expect_download() as download_info:
+        await page.click('#export a:has-text("Download the group as JSONL")')
+    download = await download_info.value
+    lines = Path(await download.path()).read_text().splitlines()
+    assert sorted(json.loads(line)["message_id"] for line in lines) == ["key0", "key1", "key2"]
 
     button = page.locator("[data-purge]")
     assert await button.is_disabled()
@@ -273,7 +284,9 @@ async def test_replay_of_selected_messages(
     serve_console: ServeConsole,
     browser: Any,
 ) -> None:
-    """Two of four messages ticked and replayed: exactly those two reach the work queue."""
+    """Two of four messages ticked and replayed: exactly those two reach the work queue.
+    The queue's name holds `` /#+`` (legal), so every URL the script makes must encode it."""
+    queue_name = hostile_queue(queue_name)
     cleanup.extend(await make_dlq(amqp, queue_name))
     dlq = f"{queue_name}.dlq"
     await publish(amqp, dlq, letters(queue_name, 4))
