@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import os
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -315,9 +316,7 @@ class App:
         the answer: a worker calls it when it starts, :meth:`publish` before its first
         publish. None when tracing is off."""
         self._tracer = None
-        if self.tracing:
-            # Imported only when it may be used: without the otel extra, or with
-            # tracing=False, OpenTelemetry is never imported.
+        if self.tracing and _provider_possible():
             from qworker.tracing import resolve
 
             self._tracer = resolve()
@@ -378,6 +377,14 @@ class App:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def _provider_possible() -> bool:
+    """Whether the application may have configured a tracer provider: it imported the
+    OpenTelemetry API (``trace.set_tracer_provider``, the SDK and ``opentelemetry-instrument``
+    all do), or names a provider in ``OTEL_PYTHON_TRACER_PROVIDER``. Otherwise tracing is
+    off without importing OpenTelemetry at all (0.4 MiB and 19 modules in every worker)."""
+    return "opentelemetry.trace" in sys.modules or "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def _checked_hook(hook: Any) -> Any:

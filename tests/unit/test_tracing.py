@@ -425,3 +425,23 @@ def test_a_traced_copy_fits_the_frame_and_keeps_its_trace_headers(budget: int) -
     assert size(fitted) <= budget
     assert "big" not in fitted and fitted["traceparent"] == f"00-{TRACE}-{SPAN}-01"
     assert {k: fitted[k] for k in trace_headers} == trace_headers
+
+
+def test_an_app_that_never_imported_opentelemetry_decides_off_without_importing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No ``opentelemetry.trace`` imported and no ``OTEL_PYTHON_TRACER_PROVIDER``: no provider
+    can be configured, so a worker decides "off" without importing OpenTelemetry."""
+    import sys
+
+    from qworker import App
+    from qworker.app import _provider_possible
+
+    monkeypatch.delenv("OTEL_PYTHON_TRACER_PROVIDER", raising=False)
+    monkeypatch.delitem(sys.modules, "opentelemetry.trace")
+    assert not _provider_possible()
+    resolved: list[bool] = []
+    monkeypatch.setattr(tracing, "resolve", lambda *a: resolved.append(True))
+    assert App().start_tracing() is None and not resolved
+    monkeypatch.setenv("OTEL_PYTHON_TRACER_PROVIDER", "sdk_tracer_provider")
+    assert _provider_possible()
