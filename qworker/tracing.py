@@ -6,7 +6,9 @@ never configures one. Tracing is on when the API imports, a provider is configur
 ``App(tracing=True)`` (the default). That is decided once (:func:`resolve`: when a worker
 starts, at an app's first publish, when a replay starts); the result is a
 :class:`Tracing` or None, and the serving path tests that one attribute per delivery.
-Off costs nothing else: no import, no provider lookup, no header parsing.
+Off costs nothing else: no provider lookup, no header parsing, no span; and a worker whose
+application never imported ``opentelemetry.trace`` decides "off" without importing
+OpenTelemetry at all (:meth:`qworker.App.start_tracing`).
 
 What is traced (span names and attributes follow OpenTelemetry's messaging conventions:
 ``messaging.system=rabbitmq``, ``messaging.destination.name`` is the exchange, empty for
@@ -43,6 +45,7 @@ from qworker import headers as h
 from qworker.delivery import Delivery
 from qworker.events import OutcomeKind
 from qworker.failures import error_type_name
+from qworker.logging import trace_ids_from
 from qworker.verdict import Ack, Move, Quarantine, Run, Verdict
 
 try:
@@ -90,9 +93,7 @@ def resolve(enabled: bool = True, provider: trace.TracerProvider | None = None) 
         provider = configured_provider()
         if provider is None:
             return None
-    from qworker.logging import trace_ids_from
-
-    trace_ids_from(current_ids)
+    trace_ids_from(current_ids)  # log events carry the ids of the active span from now on
     return Tracing(provider.get_tracer(SCOPE))
 
 
