@@ -27,6 +27,7 @@ from qworker.console import api
 from qworker.console.openapi import DESCRIPTION
 from qworker.dlq import audit
 from qworker.testing import running
+from qworker.topology import quarantine_name
 from tests.console.conftest import ConsoleUnderTest, MakeConsole, Shop, quoted
 from tests.support.broker import depth, eventually, eventually_depth, publish_job
 from tests.support.dlq import Letter, drain, failure, letters, make_dlq, publish
@@ -47,8 +48,9 @@ def ids(records: list[dict[str, Any]]) -> list[str]:
     return [r["message_id"] for r in records]
 
 
-async def assorted(amqp: AbstractConnection, queue: str) -> list[Letter]:
-    """Declare ``queue`` and its DLQ; publish 8 dead letters of 4 kinds, in this order:
+async def assorted(amqp: AbstractConnection, queue: str, cleanup: list[str]) -> list[Letter]:
+    """Declare ``queue``'s topology (its names go to ``cleanup``); publish 8 dead letters of
+    4 kinds to its DLQ, in this order:
 
     - k0..k2: KeyError, permanent_error, billing.handlers:charge, failed at minutes 0-2
     - v0, v1: ValueError, timeout, shipping.handlers:dispatch, minutes 10-11, code E_SHIP
@@ -99,7 +101,7 @@ async def assorted(amqp: AbstractConnection, queue: str) -> list[Letter]:
             for i in range(2)
         ),
     ]
-    await make_dlq(amqp, queue)
+    cleanup.extend(await make_dlq(amqp, queue))
     await publish(amqp, f"{queue}.dlq", seeded)
     return seeded
 
@@ -161,8 +163,7 @@ async def test_groups_have_every_field_and_the_scan_headers(
     queue_name: str, cleanup: list[str], amqp: AbstractConnection, make_console: MakeConsole
 ) -> None:
     """Largest group first; first/last failure, sample id, code; when the scan was taken."""
-    cleanup.extend([queue_name, f"{queue_name}.dlq"])
-    await assorted(amqp, queue_name)
+    await assorted(amqp, queue_name, cleanup)
     c = await make_console()
     before = datetime.now(UTC)
 
@@ -199,8 +200,7 @@ async def test_messages_filter_by_every_key(
     queue_name: str, cleanup: list[str], amqp: AbstractConnection, make_console: MakeConsole
 ) -> None:
     """Each filter key of the CLI selects what the CLI's option would, oldest first."""
-    cleanup.extend([queue_name, f"{queue_name}.dlq"])
-    await assorted(amqp, queue_name)
+    await assorted(amqp, queue_name, cleanup)
     dlq = f"{queue_name}.dlq"
     c = await make_console()
     groups = (await c.get(c.path(dlq, "groups"))).json()
@@ -328,8 +328,7 @@ async def test_export_is_jsonl_that_read_records_parses(
 ) -> None:
     """``export`` answers JSONL (a download) that ``qworker.dlq.read_records`` reads back:
     same ids, bodies and failures; filter and limit respected; the DLQ unchanged."""
-    cleanup.extend([queue_name, f"{queue_name}.dlq"])
-    seeded = await assorted(amqp, queue_name)
+    seeded = await assorted(amqp, queue_name, cleanup)
     dlq = f"{queue_name}.dlq"
     c = await make_console()
 
@@ -571,11 +570,16 @@ async def test_edit_takes_base64_and_to(
 
 
 async def test_a_worker_process_dead_letter_edited_in_the_console_is_handled(
-    worker: WorkerProcess, queue_name: str, amqp: AbstractConnection, make_console: MakeConsole
+    worker: WorkerProcess,
+    queue_name: str,
+    cleanup: list[str],
+    amqp: AbstractConnection,
+    make_console: MakeConsole,
 ) -> None:
     """A real worker (``qworker run``, the ledger app) dead-letters a message; the console
     shows its group and record as the worker wrote them; an edit to a good body goes back to
     the worker, which handles it."""
+    cleanup.append(quarantine_name(queue_name))  # the worker fixture does not list it
     worker.start()
     await publish_job(amqp, queue_name, "job-1", mode="permanent")
     dlq = f"{queue_name}.dlq"

@@ -32,10 +32,10 @@ def ids(answer: Any) -> list[str]:
     return [record["message_id"] for record in answer.json()]
 
 
-async def filled(amqp: AbstractConnection, queue: str, count: int) -> str:
-    """``queue``'s DLQ with ``count`` KeyErrors ``m*`` then ``count // 3`` ValueError
-    timeouts ``t*`` (two groups with different fingerprints)."""
-    await make_dlq(amqp, queue)
+async def filled(amqp: AbstractConnection, queue: str, count: int, cleanup: list[str]) -> str:
+    """``queue``'s topology (its names go to ``cleanup``); its DLQ with ``count`` KeyErrors
+    ``m*`` then ``count // 3`` ValueError timeouts ``t*`` (two groups, two fingerprints)."""
+    cleanup.extend(await make_dlq(amqp, queue))
     dlq = f"{queue}.dlq"
     timeouts = letters(
         queue, count // 3, prefix="t", reason="timeout", error_type="builtins.ValueError"
@@ -68,8 +68,7 @@ async def test_browsing_leaves_the_dlq_as_it_was(
 ) -> None:
     """Every kind of read: afterwards the DLQ holds every message, in the same order (32
     messages; see the next test for more)."""
-    cleanup.extend([queue_name, f"{queue_name}.dlq"])
-    dlq = await filled(amqp, queue_name, 24)
+    dlq = await filled(amqp, queue_name, 24, cleanup)
     everything = [*(f"m{i}" for i in range(24)), *(f"t{i}" for i in range(8))]
     c = await make_console(dlq)
 
@@ -94,8 +93,7 @@ async def test_browsing_a_larger_quorum_dlq_keeps_its_order(
     queue_name: str, cleanup: list[str], amqp: AbstractConnection, make_console: MakeConsole
 ) -> None:
     """As above with 60 messages: every read sees, and leaves, the DLQ in queue order."""
-    cleanup.extend([queue_name, f"{queue_name}.dlq"])
-    dlq = await filled(amqp, queue_name, 45)
+    dlq = await filled(amqp, queue_name, 45, cleanup)
     everything = [*(f"m{i}" for i in range(45)), *(f"t{i}" for i in range(15))]
     c = await make_console(dlq)
 
@@ -114,8 +112,7 @@ async def test_concurrent_reads_of_one_dlq_each_see_every_message(
 ) -> None:
     """Several tabs at once (two lists, a rescan, an export): the console runs their passes
     one after another, so none of them misses the messages another one holds."""
-    cleanup.extend([queue_name, f"{queue_name}.dlq"])
-    dlq = await filled(amqp, queue_name, 30)
+    dlq = await filled(amqp, queue_name, 30, cleanup)
     everything = [*(f"m{i}" for i in range(30)), *(f"t{i}" for i in range(10))]
     c = await make_console(dlq)
 
@@ -142,8 +139,7 @@ async def test_a_read_waits_its_turn_then_answers_busy(
 ) -> None:
     """While one pass holds the DLQ, another read waits at most ``read_wait`` and then
     answers 409 saying another request reads it; the first pass is unharmed."""
-    cleanup.extend([queue_name, f"{queue_name}.dlq"])
-    dlq = await filled(amqp, queue_name, 3)
+    dlq = await filled(amqp, queue_name, 3, cleanup)
     scanning, release = asyncio.Event(), asyncio.Event()
     real_stats = lib.stats
 
@@ -267,8 +263,7 @@ async def test_the_scan_is_reused_marked_stale_and_dropped_after_a_replay(
     """A second groups request reuses the scan (same X-Qworker-Scan-Taken-At); a DLQ that
     moved meanwhile keeps it, marked stale; ``rescan=1`` scans again; a console replay of a
     group drops the scan, and the group is gone from the next one."""
-    cleanup.extend([queue_name, f"{queue_name}.dlq"])
-    dlq = await filled(amqp, queue_name, 6)  # 6 KeyErrors, 2 timeouts
+    dlq = await filled(amqp, queue_name, 6, cleanup)  # 6 KeyErrors, 2 timeouts
     c = await make_console(dlq, token=TOKEN)
     url = c.path(dlq, "groups")
 
@@ -308,8 +303,7 @@ async def test_an_old_scan_of_a_moved_dlq_is_taken_again(
     queue_name: str, cleanup: list[str], amqp: AbstractConnection, make_console: MakeConsole
 ) -> None:
     """Past ``scan_ttl``, a DLQ whose depth moved is scanned again; an unmoved one is not."""
-    cleanup.extend([queue_name, f"{queue_name}.dlq"])
-    dlq = await filled(amqp, queue_name, 3)
+    dlq = await filled(amqp, queue_name, 3, cleanup)
     c = await make_console(dlq, scan_ttl=0.0)
     url = c.path(dlq, "groups")
     taken = (await c.get(url)).headers["x-qworker-scan-taken-at"]
