@@ -171,12 +171,12 @@ async def test_a_read_waits_its_turn_then_answers_busy(
 async def test_while_a_replay_runs_reads_and_other_actions_are_busy_at_once(
     queue_name: str, cleanup: list[str], amqp: AbstractConnection, make_console: MakeConsole
 ) -> None:
-    """A replay (rate 6/s, 9 messages) holds its DLQ: reads answer 409 at once (not a wrong
+    """A replay (rate 6/s, 12 messages) holds its DLQ: reads answer 409 at once (not a wrong
     picture), a second replay, a purge and an edit too; the overview still answers, with a
     ``problem``; after the job every read works again."""
     cleanup.extend(await make_dlq(amqp, queue_name))
     dlq = f"{queue_name}.dlq"
-    await publish(amqp, dlq, letters(queue_name, 9))
+    await publish(amqp, dlq, letters(queue_name, 12))
     c = await make_console(dlq, token=TOKEN)
 
     started = await c.post(c.path(dlq, "replay"), {"rate": 6})
@@ -185,13 +185,13 @@ async def test_while_a_replay_runs_reads_and_other_actions_are_busy_at_once(
     began = time.monotonic()
     during = {
         "messages": await c.get(c.path(dlq, "messages")),
-        "message": await c.get(c.path(dlq, "messages", "m8")),
+        "message": await c.get(c.path(dlq, "messages", "m11")),
         "groups": await c.get(c.path(dlq, "groups")),
         "export": await c.get(c.path(dlq, "export")),
         "replay": await c.post(c.path(dlq, "replay"), {}),
         "dry run": await c.post(c.path(dlq, "replay"), {"dry_run": True}),
         "purge": await c.post(c.path(dlq, "purge"), {"confirm": dlq}),
-        "edit": await c.post(c.path(dlq, "messages", "m8", "edit"), {"body": "{}"}),
+        "edit": await c.post(c.path(dlq, "messages", "m11", "edit"), {"body": "{}"}),
     }
     overview = await c.get("/api/dlqs")
     took = time.monotonic() - began
@@ -202,16 +202,16 @@ async def test_while_a_replay_runs_reads_and_other_actions_are_busy_at_once(
         assert job_id in answer.json()["error"], (what, answer.json())
     assert "is working on" in during["messages"].json()["error"]
     assert "already working on" in during["replay"].json()["error"]
-    assert took < 1.2, took  # at once: nobody waited for the job
+    assert took < 1.5, took  # at once: nobody waited for the job (it takes about 2 s)
     assert job_during["state"] in ("queued", "running"), job_during
     [row] = overview.json()
     assert overview.status_code == 200 and job_id in row["problem"]
 
     job = await c.wait_job(job_id)
-    assert (job["state"], job["replayed"]) == ("done", 9), job
+    assert (job["state"], job["replayed"]) == ("done", 12), job
     after = await c.get(c.path(dlq, "messages"))
     assert after.status_code == 200 and after.json() == []
-    assert await depth(amqp, queue_name) == 9
+    assert await depth(amqp, queue_name) == 12
 
 
 async def test_a_cli_replay_during_console_browsing_loses_nothing(
@@ -372,7 +372,7 @@ async def test_after_the_back_off_the_console_tries_again_then_waits_longer(
     assert (await c.get(url)).status_code == 503
     assert (await c.get(url)).status_code == 503
     assert len(attempts) == 2
-    await asyncio.sleep(0.25)  # doubled to 0.4 s: not over yet
+    await asyncio.sleep(0.1)  # doubled to 0.4 s: not over yet
     assert (await c.get(url)).status_code == 503
     assert len(attempts) == 2
 
@@ -384,9 +384,7 @@ async def test_an_action_with_the_broker_down_fails_its_job_with_a_sentence(
     count_connects(monkeypatch)
     c = await make_console("orders.dlq", urls=["amqp://guest:guest@127.0.0.1:1/"], token=TOKEN)
     started = await c.post(c.path("orders.dlq", "replay"), {})
-    if started.status_code == 503:
-        assert started.json()["error"]
-        return
+    assert started.status_code == 202, started.text
     job = await c.wait_job(started.json()["job"], timeout=20)
     assert job["state"] == "failed" and job["error"], job
     assert "\n" not in job["error"]
