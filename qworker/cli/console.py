@@ -12,6 +12,7 @@ import os
 import socket
 import urllib.parse
 from collections.abc import Sequence
+from types import FrameType
 
 import click
 
@@ -72,6 +73,23 @@ def listen(host: str, port: int) -> socket.socket:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     sock.setblocking(False)
     return sock
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, with a signal being the normal way to stop (exit 0)."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal once it has shut down (the process would
+            # die of SIGTERM, or exit 130 on Ctrl-C); for the console, that is a clean stop.
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return Server
 
 
 @click.command()
@@ -151,7 +169,7 @@ def console(
         proxy_headers=False,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
 
     async def serve() -> None:
         with use_management(management_url):

@@ -30,13 +30,17 @@ import hmac
 import secrets
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = structlog.get_logger("qworker.console")
 
 #: The session cookie's name.
 COOKIE = "qworker_console"
@@ -251,9 +255,22 @@ class Guard:
         state["can_write"] = self.access.token_configured and (given.bearer or given.session)
         state["csrf"] = session.csrf if session is not None else None
         state["session_id"] = session_id if session is not None else None
-        secured = _secured(send)
+        secured, started = _secured(send)
         if decision is Decision.ALLOW:
-            await self.app(scope, receive, secured)
+            try:
+                await self.app(scope, receive, secured)
+            except Exception:
+                # Answered here, not by Starlette's outermost error middleware, so that
+                # even a crash carries the security headers (and no traceback).
+                log.exception("console.request_failed", path=path, method=request.method)
+                if started():
+                    raise
+                crash: Response
+                if api:
+                    crash = JSONResponse({"error": "internal error (logged)"}, status_code=500)
+                else:
+                    crash = PlainTextResponse("internal error (logged)", status_code=500)
+                await crash(scope, receive, secured)
             return
         response: Response
         if decision is Decision.LOGIN:
@@ -272,9 +289,17 @@ class Guard:
         await response(scope, receive, secured)
 
 
-def _secured(send: Send) -> Send:
+def _secured(send: Send) -> tuple[Send, Callable[[], bool]]:
+    """``send`` adding the security headers; and whether the answer has started."""
+    sent = False
+
+    def started() -> bool:
+        return sent
+
     async def send_secured(message: Message) -> None:
+        nonlocal sent
         if message["type"] == "http.response.start":
+            sent = True
             headers = [
                 (name, value)
                 for name, value in message.get("headers", [])
@@ -283,7 +308,7 @@ def _secured(send: Send) -> Send:
             message = {**message, "headers": [*headers, *SECURITY_HEADERS, _NO_STORE]}
         await send(message)
 
-    return send_secured
+    return send_secured, started
 
 
 def safe_next(target: str | None) -> str:

@@ -57,6 +57,7 @@ from qworker.dlq.cursor import select
 from qworker.dlq.jsonl import to_record
 from qworker.dlq.management import list_dlqs
 from qworker.dlq.probes import queue_depth
+from qworker.dlq.records import queue_name_problem
 from qworker.errors import (
     BadTarget,
     BrokerUnavailable,
@@ -97,6 +98,9 @@ TOP_GROUPS = 3
 EXPORT_SPOOL = 8 * 1024 * 1024
 #: AMQP's limit on a queue name (a short string).
 MAX_QUEUE_BYTES = 255
+#: The queue names pamqp sends (its ``DOMAIN_REGEX["queue-name"]``); it raises ValueError
+#: for any other before a frame is written.
+SENDABLE_NAME = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]*")
 #: On stop, running jobs get this long to end before they are cancelled.
 STOP_GRACE = 10.0
 
@@ -151,14 +155,30 @@ def _api_names(message: str) -> str:
 def check_queue_name(name: str) -> None:
     """Raise :class:`Invalid` for a name no queue can have (before asking the broker).
 
-    Any other name is read as it is, control characters included (a careless producer
-    can declare such a queue, and its dead letters must still be visible); where a
-    replay may go is checked by the library (:func:`qworker.dlq.records.queue_name_problem`).
+    RabbitMQ accepts any UTF-8 name, but pamqp (under aio-pika) refuses to send names
+    outside :data:`SENDABLE_NAME`; such a DLQ, made by another client, gets this clear
+    refusal instead of a crash (and a ``problem`` row on the overview). Where a replay
+    may go is checked by the library (:func:`qworker.dlq.records.queue_name_problem`).
     """
     if not name:
         raise Invalid("not a queue name: empty")
     if len(name.encode("utf-8", "surrogateescape")) > MAX_QUEUE_BYTES:
         raise Invalid(f"not a queue name: longer than {MAX_QUEUE_BYTES} bytes")
+    if not SENDABLE_NAME.fullmatch(name):
+        raise Invalid(
+            "the AMQP client qworker uses (pamqp) can only address queue names made of "
+            "letters, digits, spaces and -_.:@#,/+ (this one was made by another client)"
+        )
+
+
+def check_target(to: str, dlq: str) -> None:
+    """Raise :class:`Invalid` when ``to`` cannot be where ``dlq``'s messages are replayed to
+    (a reserved ``amq.*`` name, the DLQ itself, control characters, see :func:`check_queue_name`);
+    a queue that does not exist is found out by the action itself."""
+    problem = queue_name_problem(to, dlq)
+    if problem is not None:
+        raise Invalid(f"cannot replay to {to[:100]!r}: {problem}")
+    check_queue_name(to)
 
 
 @dataclass(frozen=True, slots=True)
@@ -527,7 +547,7 @@ class Console:
         """
         check_queue_name(dlq)
         if options.to is not None:
-            check_queue_name(options.to)
+            check_target(options.to, dlq)
         job = self._claim(dlq, "dry-run" if options.dry_run else "replay", actor)
 
         async def act(connection: AbstractConnection) -> None:
@@ -585,7 +605,7 @@ class Console:
         """
         check_queue_name(dlq)
         if to is not None:
-            check_queue_name(to)
+            check_target(to, dlq)
         validated = False
         warning = None
         async with self._reading(dlq) as connection:

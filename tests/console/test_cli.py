@@ -232,14 +232,6 @@ def test_a_console_with_a_token_on_localhost_does_not_warn_and_needs_the_token(
 
 
 @pytest.mark.rabbitmq
-@pytest.mark.xfail(
-    strict=True,
-    reason="backend bug: qworker/cli/console.py's docstring says exit 0 when stopped by Ctrl-C "
-    "or SIGTERM, but uvicorn's Server.serve (0.29+) re-raises the captured signal with "
-    "signal.raise_signal after its graceful shutdown: SIGTERM kills the process (-15, 143 in "
-    "a shell), SIGINT becomes KeyboardInterrupt -> run_async -> 'qworker: error: "
-    "interrupted', exit 130",
-)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stopped_console_exits_0(
     broker_url: str, queue_name: str, start_console: StartConsole, sig: int

@@ -298,12 +298,6 @@ async def test_security_headers_on_every_kind_of_answer(make_console: MakeConsol
         assert_secured(answer, what)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backend bug: an unexpected exception is answered by Starlette's "
-    "ServerErrorMiddleware, which sits outside Guard (qworker/console/web.py create_app), "
-    "so a 500 carries no CSP, nosniff or no-store",
-)
 async def test_security_headers_on_a_500(
     make_console: MakeConsole, monkeypatch: pytest.MonkeyPatch
 ) -> None:
