@@ -1,5 +1,6 @@
-"""The pages without a broker or a browser: pure helpers, and every page rendered from the
-XSS corpus by a stand-in console (the browser tests do the same on the real broker)."""
+"""The pages without a broker or a browser: the pure helpers of
+:mod:`qworker.console.views`, and every page rendered from the XSS corpus by a stand-in
+console (the browser tests do the same on the real broker)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qworker import dlq as lib
 from qworker import headers as h
-from qworker.console import pages, paths
+from qworker.console import pages, paths, views
 from qworker.console.errors import Busy, NotFound
 from qworker.console.service import DlqOverview, GroupRow, Page, Scan, ScanInfo
 from qworker.dlq.records import dead_letter
@@ -46,44 +47,44 @@ from tests.support.dlq import failure
     ],
 )
 def test_only_absolute_http_urls_become_links(value: Any, link: bool) -> None:
-    assert pages.http_url(value) == (value if link else None)
+    assert views.http_url(value) == (value if link else None)
 
 
 def test_segments_are_percent_encoded_whole() -> None:
     """Every reserved character is encoded; a non-UTF-8 byte (a surrogate) as itself."""
-    assert pages.segment("a/b #c?d=%41+e") == "a%2Fb%20%23c%3Fd%3D%2541%2Be"
-    assert pages.segment("\udcff\x00<") == "%FF%00%3C"
+    assert views.segment("a/b #c?d=%41+e") == "a%2Fb%20%23c%3Fd%3D%2541%2Be"
+    assert views.segment("\udcff\x00<") == "%FF%00%3C"
 
 
 def test_shown_escapes_controls_and_invisible_characters() -> None:
-    assert pages.shown("a\u202eb\u200bc\x00d\x1b[1m") == "a\\u202eb\\u200bc\\x00d\\x1b[1m"
-    assert pages.shown("two\nlines") == "two\\nlines"
-    assert pages.shown_block("two\r\nlines\u2028") == "two\nlines\\u2028"
-    assert pages.shown(None) == ""
+    assert views.shown("a\u202eb\u200bc\x00d\x1b[1m") == "a\\u202eb\\u200bc\\x00d\\x1b[1m"
+    assert views.shown("two\nlines") == "two\\nlines"
+    assert views.shown_block("two\r\nlines\u2028") == "two\nlines\\u2028"
+    assert views.shown(None) == ""
 
 
 def test_times_are_utc_iso() -> None:
     from datetime import timedelta, timezone
 
     local = datetime(2026, 11, 29, 3, 0, 5, 250_000, tzinfo=timezone(timedelta(hours=2)))
-    assert pages.when(local) == "2026-11-29T01:00:05Z"
-    assert pages.when_precise(local) == "2026-11-29T01:00:05.250Z"
-    assert pages.when(None) == "-"
+    assert views.when(local) == "2026-11-29T01:00:05Z"
+    assert views.when_precise(local) == "2026-11-29T01:00:05.250Z"
+    assert views.when(None) == "-"
 
 
 def test_bodies_are_shown_as_json_text_or_hex() -> None:
-    shown = pages.body_view(b'{"b": 1, "a": "\\u00e9"}')
+    shown = views.body_view(b'{"b": 1, "a": "\\u00e9"}')
     assert (shown.kind, shown.text, shown.editable) == (
         "json",
         '{\n  "b": 1,\n  "a": "\u00e9"\n}',
         '{"b": 1, "a": "\\u00e9"}',
     )
-    assert pages.body_view(b"plain <b>text</b>").kind == "text"
-    binary = pages.body_view(b"\x00\xff<script>")
+    assert views.body_view(b"plain <b>text</b>").kind == "text"
+    binary = views.body_view(b"\x00\xff<script>")
     assert binary.kind == "binary" and binary.editable is None
     assert binary.hex == "00000000  00 ff 3c 73 63 72 69 70 74 3e" + " " * 18 + "  |..<script>|"
-    big = pages.body_view(b"x" * (pages.BODY_SHOWN + 1))
-    assert big.cut and len(big.text) == pages.BODY_SHOWN
+    big = views.body_view(b"x" * (views.BODY_SHOWN + 1))
+    assert big.cut and len(big.text) == views.BODY_SHOWN
 
 
 def test_timeline_orders_attempts_then_the_dead_lettering_and_keeps_deaths_apart() -> None:
@@ -103,11 +104,11 @@ def test_timeline_orders_attempts_then_the_dead_lettering_and_keeps_deaths_apart
         "x-death": [{"queue": "q.retry.1s", "reason": "expired", "count": 3}],
     }
     dl = dead_letter("q.dlq", b"{}", {}, headers)
-    moments = pages.timeline(dl.headers, dl)
+    moments = views.timeline(dl.headers, dl)
     assert [m.kind for m in moments] == ["failure", "failure", "failure", "last"]
     assert moments[0].at is None
     assert [m.title for m in moments[1:3]] == ["attempt 1 failed: E", "attempt 2 failed: E"]
-    assert [(d.queue, d.reason, d.count) for d in pages.deaths(dl.headers)] == [
+    assert [(d.queue, d.reason, d.count) for d in views.deaths(dl.headers)] == [
         ("q.retry.1s", "expired", 3)
     ]
 
@@ -214,7 +215,7 @@ async def test_every_page_renders_the_corpus_as_text(can_write: bool) -> None:
         f"/dlqs/{q}?sort=<script>",
         f"/dlqs/{q}/groups/{CORPUS_FINGERPRINT}",
         f"/dlqs/{q}/groups/{CORPUS_FINGERPRINT}?page=2",
-        *(f"/dlqs/{q}/messages/{pages.segment(dl.message_id)}" for dl in console.letters),
+        *(f"/dlqs/{q}/messages/{views.segment(dl.message_id)}" for dl in console.letters),
     ]
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://console.test") as client:
@@ -232,14 +233,14 @@ async def test_every_page_renders_the_corpus_as_text(can_write: bool) -> None:
                 if href != "data:,"
             ), url
             assert len(re.findall(r"<script", html)) == 1, url
-        missing = await client.get(f"/dlqs/{q}/messages/{pages.segment('<img src=x>')}")
+        missing = await client.get(f"/dlqs/{q}/messages/{views.segment('<img src=x>')}")
         assert missing.status_code == 404
         assert "no message &lt;img src=x&gt; in" in missing.text
         busy = await client.get(f"/dlqs/{q}/messages/busy")
         assert busy.status_code == 409 and "job &lt;b&gt;1&lt;/b&gt;" in busy.text
         group = await client.get(f"/dlqs/{q}/groups/{CORPUS_FINGERPRINT}")
         assert "&lt;script&gt;alert(&#39;qxss-script&#39;)&lt;/script&gt;" in group.text
-        page = await client.get(f"/dlqs/{q}/messages/{pages.segment(PAYLOADS[0])}")
+        page = await client.get(f"/dlqs/{q}/messages/{views.segment(PAYLOADS[0])}")
         disabled = " disabled" in page.text.split("data-edit-go", 1)[1].split(">", 1)[0]
         assert disabled is not can_write
 
