@@ -182,6 +182,7 @@
       nodes.push(left);
     }
     if (job.error) nodes.push(el("p", "bad", String(job.error)));
+    if (job.warning) nodes.push(el("p", "warn", String(job.warning)));
     return nodes;
   }
 
@@ -250,7 +251,13 @@
     const jobNode = box.querySelector("[data-job]");
     const canaryInput = box.querySelector("[data-canary]");
     const rateInput = box.querySelector("[data-rate]");
+    const toInput = box.querySelector("[data-to]");
     let planned = 0;
+
+    function target() {
+      const to = toInput ? toInput.value.trim() : "";
+      return to === "" ? null : to;
+    }
     let matched = 0;
 
     dry.addEventListener("click", async function () {
@@ -258,7 +265,7 @@
       confirm.hidden = true;
       show(jobNode, [el("p", null, "Dry run: counting what would be replayed\u2026")]);
       try {
-        const id = await startJob(path, { filter: { fingerprint: fingerprint }, dry_run: true });
+        const id = await startJob(path, { filter: { fingerprint: fingerprint }, dry_run: true, to: target() });
         const job = await follow(id, function () {});
         if (job.state !== "done" || job.error) {
           problem(jobNode, "The dry run failed: " + String(job.error || job.state));
@@ -273,7 +280,8 @@
           " of group " + fingerprint + (num(job.skipped) ? ", would skip " + num(job.skipped) + " (they would stay)" : "") +
           ". Nothing has changed yet." +
           (canary ? " " + canary + " canar" + (canary === 1 ? "y goes" : "ies go") + " first." : "") +
-          (rate ? " At most " + rate + " a second." : "");
+          (rate ? " At most " + rate + " a second." : "") +
+          (target() ? " To queue " + target() + "." : "");
         go.textContent = "Replay " + planned + " message" + (planned === 1 ? "" : "s");
         go.disabled = planned === 0;
         confirm.hidden = false;
@@ -292,7 +300,7 @@
       go.disabled = true;
       dry.disabled = true;
       confirm.hidden = true;
-      const payload = { filter: { fingerprint: fingerprint }, dry_run: false, limit: matched || null };
+      const payload = { filter: { fingerprint: fingerprint }, dry_run: false, limit: matched || null, to: target() };
       const canary = intOrNull(canaryInput);
       const rate = intOrNull(rateInput);
       if (canary) payload.canary = Math.floor(canary);
@@ -419,6 +427,7 @@
         });
         const children = [el("p", "counts", num(job.purged) + " purged")];
         if (job.error) children.push(el("p", "bad", String(job.error)));
+        if (job.warning) children.push(el("p", "warn", String(job.warning)));
         finished(job, jobNode, children, dlq);
       } catch (err) {
         problem(jobNode, "The purge failed: " + err.message);
@@ -447,6 +456,10 @@
           { body: body.value, to: to.value.trim() === "" ? null : to.value.trim() });
         const target = answer && answer.target !== undefined ? String(answer.target) : "its queue";
         const children = [el("p", "ok", "Published to " + target + "; the dead letter was removed from " + decoded(dlq) + ".")];
+        if (answer && answer.warning) children.push(el("p", "warn", String(answer.warning)));
+        else if (answer && answer.validated === false) {
+          children.push(el("p", "hint", "Not checked by a payload type: the console runs without an APP."));
+        }
         const back = el("p");
         const link = el("a", null, "Back to the DLQ");
         link.href = "/dlqs/" + dlq;

@@ -401,3 +401,46 @@ async def test_group_messages_are_paginated(
         watch.assert_clean()
     finally:
         await page.context.close()
+
+
+async def test_replay_to_another_queue_names_it_and_refuses_a_missing_one(
+    queue_name: str,
+    cleanup: list[str],
+    amqp: AbstractConnection,
+    serve_console: ServeConsole,
+    browser: Any,
+) -> None:
+    """The "To queue" field reaches the replay: a queue that does not exist fails the dry
+    run with the reason (nothing moves); an existing one receives the group."""
+    cleanup.extend(await make_dlq(amqp, queue_name))
+    dlq, parking = f"{queue_name}.dlq", f"{queue_name}.parking"
+    cleanup.append(parking)
+    channel = await amqp.channel()
+    await channel.declare_queue(parking, durable=True)
+    await channel.close()
+    await publish(amqp, dlq, letters(queue_name, 2))
+    server = serve_console([dlq], token=TOKEN)
+    page, watch = await watched_page(browser)
+    await log_in(page, server.url)
+    await page.goto(f"{server.url}/dlqs/{q(dlq)}")
+    await page.locator("tr.group a.fp").first.click()
+    await page.wait_for_selector("#replay-group")
+
+    await page.fill("[data-to]", f"{queue_name}.nowhere")
+    await page.click("[data-dry-run]")
+    await page.wait_for_selector("#replay-group [data-job].failed", timeout=30_000)
+    assert "The dry run failed" in await page.inner_text("#replay-group [data-job]")
+    assert await depth(amqp, dlq) == 2
+
+    await page.fill("[data-to]", parking)
+    await page.fill("[data-canary]", "")
+    await page.click("[data-dry-run]")
+    summary = page.locator("[data-dry-summary]")
+    await summary.wait_for(state="visible", timeout=30_000)
+    assert f"To queue {parking}." in await summary.inner_text()
+    await page.click("[data-replay-go]")
+    await page.wait_for_selector("#replay-group [data-job].done", timeout=30_000)
+    moved = await drain(amqp, parking)
+    assert sorted(t.message_id or "" for t in moved) == ["m0", "m1"]
+    assert await depth(amqp, dlq) == 0
+    watch.assert_clean()
