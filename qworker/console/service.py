@@ -481,7 +481,7 @@ class Console:
         has_more = False
         async with (
             self._reading(dlq) as connection,
-            select(connection, dlq, chosen, offset + limit + 1) as selection,
+            select(connection, dlq, chosen, offset + limit + 1, keep_order=True) as selection,
         ):
             index = 0
             async for held in selection:
@@ -502,7 +502,7 @@ class Console:
         """
         check_queue_name(dlq)
         async with self._reading(dlq) as connection:
-            found = await lib.find(connection, dlq, message_id)
+            found = await lib.find(connection, dlq, message_id, keep_order=True)
         if found is None:
             raise NotFound(f"no message with this id in {dlq}")
         return found
@@ -609,7 +609,7 @@ class Console:
         validated = False
         warning = None
         async with self._reading(dlq) as connection:
-            original = await lib.find(connection, dlq, message_id)
+            original = await lib.find(connection, dlq, message_id, keep_order=True)
             if original is None:
                 raise NotFound(f"no message with this id in {dlq}")
             if self.app is not None:

@@ -2,8 +2,8 @@
 
 Every function takes an open aio-pika connection and a DLQ name; the
 ``qworker dlq`` commands are a thin layer over them. Reading never removes a
-message: a pass holds what it reads unacked and gives it back (one
-``basic.nack(multiple, requeue)``) before closing its channel, so inspection
+message: a pass holds what it reads unacked and gives it back
+(``basic.nack(multiple, requeue)`` frames, oldest first) before closing its channel, so inspection
 leaves a DLQ exactly as it was (and refuses to read a quorum DLQ whose
 effective delivery limit it could reach: :class:`BrowseRefused`, see
 :class:`DeliveryGuard`), and a message leaves only
@@ -104,10 +104,14 @@ async def browse(
     *,
     chosen: Filter | None = None,
     limit: int | None = None,
+    keep_order: bool = False,
 ) -> ScanReport:
     """Call ``visit`` for each dead letter of ``queue`` matching ``chosen`` (at most ``limit``).
 
-    The DLQ is unchanged afterwards: every message is held while read and given back.
+    The DLQ is unchanged afterwards: every message is held while read and given back
+    (a pass that stops early moves what it read behind the rest of a quorum DLQ whose
+    messages were all given back before, unless ``keep_order``: see
+    :meth:`qworker.dlq.cursor.Cursor._hold_rest`).
 
     Args:
         connection: An open connection to the broker (the library opens its own channels).
@@ -115,12 +119,16 @@ async def browse(
         visit: Called with each matching :class:`DeadLetter`, oldest first.
         chosen: Only dead letters matching this filter (default: all).
         limit: At most this many matching dead letters (None: all).
+        keep_order: When stopping early, still hold the rest of the queue (a delivery
+            per message) so that a quorum DLQ keeps its order.
 
     Raises:
         QueueNotFound: ``queue`` does not exist.
         BrowseRefused: reading could make the broker drop dead letters (delivery limit).
     """
-    async with select(connection, queue, chosen or Filter(), limit) as selection:
+    async with select(
+        connection, queue, chosen or Filter(), limit, keep_order=keep_order
+    ) as selection:
         async for held in selection:
             visit(held.dead_letter)
         return selection.report
@@ -311,10 +319,20 @@ async def purge(
     return report
 
 
-async def find(connection: AbstractConnection, queue: str, message_id: str) -> DeadLetter | None:
-    """The first dead letter of ``queue`` with ``message_id`` (the DLQ is unchanged)."""
+async def find(
+    connection: AbstractConnection, queue: str, message_id: str, *, keep_order: bool = False
+) -> DeadLetter | None:
+    """The first dead letter of ``queue`` with ``message_id`` (the DLQ is unchanged; see
+    :func:`browse` for ``keep_order``)."""
     found: list[DeadLetter] = []
-    await browse(connection, queue, found.append, chosen=Filter(message_id=message_id), limit=1)
+    await browse(
+        connection,
+        queue,
+        found.append,
+        chosen=Filter(message_id=message_id),
+        limit=1,
+        keep_order=keep_order,
+    )
     return found[0] if found else None
 
 

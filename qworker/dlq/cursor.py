@@ -1,9 +1,11 @@
 """Reading a queue in order while holding every message, so that nothing leaves unless acked.
 
 A :class:`Cursor` consumes with manual acks and never rejects. What it does not
-ack it gives back explicitly when it closes: it cancels its consumer, then sends
-one ``basic.nack(delivery_tag=0, multiple=True, requeue=True)`` for every
-message still held on the channel, and only then closes the channel. RabbitMQ
+ack it gives back explicitly when it closes: it cancels its consumer, then returns
+every message still held on the channel with ``basic.nack(tag, multiple=True,
+requeue=True)`` frames of at most 32 messages each, oldest first (a quorum queue
+requeues a larger frame out of order: :data:`~qworker.dlq.acks.GIVE_BACK_BATCH`),
+and only then closes the channel. RabbitMQ
 4.3+ does not count a ``basic.nack`` as a failed delivery on quorum queues, but
 does count the messages a *closed channel* gives back (and ``basic.reject``);
 before 4.3 a quorum queue counts every return, whichever way (see
@@ -36,7 +38,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
-from qworker.dlq.acks import Acker
+from qworker.dlq.acks import Acker, Settled
 from qworker.dlq.filters import Filter
 from qworker.dlq.probes import (
     DeliveryGuard,
@@ -53,6 +55,10 @@ from qworker.errors import QworkerError
 MAX_WINDOW = 65535
 #: With nothing delivered for this long, the cursor checks whether the queue ran dry.
 IDLE_SECONDS = 1.0
+#: Headers a quorum queue adds to a message it delivers again: ``x-delivery-count`` (up
+#: to 4.2 every return counts; from 4.3 only failed deliveries) and ``x-acquired-count``
+#: (4.x, every delivery). Either means the message was given back before.
+RETURNED = frozenset({DELIVERY_COUNT, "x-acquired-count"})
 #: How long closing waits for the broker to make returned messages ready again.
 RETURN_SECONDS = 5.0
 
@@ -80,9 +86,11 @@ class Cursor:
         *,
         window: int = 1000,
         guard: DeliveryGuard | None = None,
+        keep_order: bool = False,
     ) -> None:
         self.queue = queue
         self.guard = guard
+        self.keep_order = keep_order
         self.depth = 0
         #: Highest ``x-delivery-count`` seen (quorum queues add it to deliveries).
         self.max_delivery_count: int | None = None
@@ -97,6 +105,9 @@ class Cursor:
         self._consumers = 0
         self._seen = 0
         self._acked = 0
+        self._settled = Settled()
+        #: A delivery said it had been given back before (a quorum queue's count headers).
+        self._returned_before = False
         self._acker: Acker | None = None
         self._delivered = 0
 
@@ -125,9 +136,9 @@ class Cursor:
     async def close(self) -> None:
         """Give back every message not acked, in order, then close the channel.
 
-        The consumer is cancelled first (so nothing more arrives), then one
-        ``basic.nack(0, multiple=True, requeue=True)`` returns every message
-        still held on the channel; closing the channel afterwards returns
+        The consumer is cancelled first (so nothing more arrives), then
+        ``basic.nack(tag, multiple=True, requeue=True)`` frames return every message
+        still held on the channel, oldest first; closing the channel afterwards returns
         nothing more (a closed channel's returns count as failed deliveries on
         RabbitMQ 4.3+). The broker puts them back asynchronously; waiting (up to
         ``RETURN_SECONDS``) until they are ready again means that the next
@@ -138,6 +149,10 @@ class Cursor:
         with contextlib.suppress(Exception):  # lost acks: those messages come back, duplicated
             if self._acker is not None:
                 await self._acker.settle()
+        if self.keep_order and self._returned_before and self._delivered < self.depth:
+            # Best effort: whatever is not held in time is simply given back behind.
+            with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, QworkerError):
+                await self._hold_rest()
         # If this fails the channel is gone, and the broker has taken the messages back.
         with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
             await self._give_back()
@@ -150,15 +165,47 @@ class Cursor:
                     return  # someone else is consuming: nothing more to wait for
                 await asyncio.sleep(0.01)
 
+    async def _hold_rest(self) -> None:
+        """Hold the messages this pass did not read, unread, so that all go back in order.
+
+        A quorum queue puts returned messages behind the ones it returned before
+        (``rabbit_fifo`` appends them to its ``returns`` queue, which it delivers first):
+        a pass that stopped early and gave back only what it read would move those
+        messages behind the rest of the queue once the queue's messages had all been
+        returned at least once, i.e. after any earlier full read. Holding the rest too
+        gives the whole queue back in its order. Only done when a delivery showed that
+        it had been given back before (:data:`RETURNED`): a classic queue requeues in
+        place, and a quorum queue's first return goes ahead of its never-delivered
+        messages. The held messages are not parsed (only their delivery count is checked
+        against the guard), but the broker still delivers each: it costs about as much as
+        a full read.
+        """
+        assert self._underlay is not None
+        while self._delivered < self.depth:
+            if self._received >= self._current_window:
+                await self._roll()
+            try:
+                message = await asyncio.wait_for(self._buffer.get(), IDLE_SECONDS)
+            except TimeoutError:
+                if await queue_depth(self._connection, self.queue) == 0:
+                    return
+                await self._roll()
+                continue
+            headers = message.header.properties.headers or {}
+            count = headers.get(DELIVERY_COUNT)
+            if self.guard is not None and isinstance(count, int) and not isinstance(count, bool):
+                self.guard.check(count)
+
     async def _give_back(self) -> None:
-        """Cancel the consumer, then return every unacked message of the channel at once."""
+        """Cancel the consumer, then return every unacked message of the channel, in order."""
         assert self._underlay is not None
         if self._tag is not None:
             tag, self._tag = self._tag, None
             await self._underlay.basic_cancel(tag)
-        if self._delivered:
-            # Tag 0 with multiple: every message delivered on this channel and not acked.
-            await self._underlay.basic_nack(0, multiple=True, requeue=True)
+        # Delivery tags on this channel run from 1 to the number delivered; each frame
+        # returns the unacked ones up to its tag, at most GIVE_BACK_BATCH of them.
+        for last in self._settled.give_back(self._delivered):
+            await self._underlay.basic_nack(last, multiple=True, requeue=True)
 
     async def _consume(self) -> None:
         assert self._underlay is not None
@@ -205,6 +252,8 @@ class Cursor:
         assert tag is not None
         properties = message.header.properties
         dl = dead_letter(self.queue, message.body, properties_of(properties), properties.headers)
+        if not self._returned_before:
+            self._returned_before = not RETURNED.isdisjoint(dl.headers)
         count = dl.headers.get(DELIVERY_COUNT)
         if isinstance(count, int) and not isinstance(count, bool):
             if count > (self.max_delivery_count or -1):
@@ -235,6 +284,7 @@ class Cursor:
         :class:`~qworker.dlq.acks.Acker`)."""
         assert self._acker is not None
         await self._acker.ack(tag)
+        self._settled.add(tag)
         self._acked += 1
 
     async def flush(self) -> None:
@@ -294,12 +344,16 @@ async def select(
     limit: int | None = None,
     *,
     window: int = 1000,
+    keep_order: bool = False,
 ) -> AsyncIterator[Selection]:
     """Open a cursor on ``queue`` and select from it; everything not acked returns at exit.
 
-    Without a filter only ``limit`` messages are needed, so no more are fetched.
+    Without a filter only ``limit`` messages are needed, so no more are fetched, unless
+    ``keep_order``: then a pass that stops early still holds the rest of the queue
+    before giving everything back (see :meth:`Cursor._hold_rest`), so that a quorum
+    queue keeps its order; it costs a delivery per message of the queue.
     """
-    if limit is not None and chosen.empty:
+    if limit is not None and chosen.empty and not keep_order:
         window = min(window, limit)
-    async with Cursor(connection, queue, window=window) as cursor:
+    async with Cursor(connection, queue, window=window, keep_order=keep_order) as cursor:
         yield Selection(cursor, chosen, limit, await safety(connection, queue))

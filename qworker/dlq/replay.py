@@ -455,8 +455,10 @@ async def replace(
     channel = await connection.channel(publisher_confirms=True)
     try:
         publisher = ConfirmedPublisher(channel)
+        # keep_order: stopping at the message would move the rest of a quorum DLQ
+        # behind (see Cursor._hold_rest); an edit is one message, a full pass is fine.
         async with select(
-            connection, original.queue, Filter(message_id=original.message_id)
+            connection, original.queue, Filter(message_id=original.message_id), keep_order=True
         ) as sel:
             async for held in sel:
                 if same_message(held.dead_letter, original):

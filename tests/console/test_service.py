@@ -80,15 +80,6 @@ async def test_browsing_leaves_the_dlq_as_it_was(
     assert [t.message_id for t in await drain(amqp, dlq)] == everything
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (DLQ library, seen through the console): on RabbitMQ 3.10 a quorum DLQ of "
-    "more than 32 messages is reordered by every read. qworker/dlq/cursor.py "
-    "Cursor._give_back returns the held messages with one basic.nack(0, multiple=True, "
-    "requeue=True), and the quorum queue requeues a multiple-settle of more than 32 "
-    "messages in hash order, not in queue order (30 messages, as in "
-    "tests/integration/test_dlq_edges.py, stay in order)",
-)
 async def test_browsing_a_larger_quorum_dlq_keeps_its_order(
     queue_name: str, cleanup: list[str], amqp: AbstractConnection, make_console: MakeConsole
 ) -> None:

@@ -352,14 +352,15 @@ async def test_browse_rolling_more_than_ten_consumers_keeps_the_queue_order(
     assert await drain(amqp, dlq_name) == names
 
 
-async def test_cli_browse_gives_back_with_one_nack_not_by_closing_the_channel(
+async def test_cli_browse_gives_back_with_nacks_not_by_closing_the_channel(
     queue_name: str, cleanup: list[str], amqp: AbstractConnection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Closing the cursor cancels its consumer and nacks (multiple, requeue) before the
-    channel closes: the channel close itself returns nothing."""
+    channel closes, at most 32 messages a frame, oldest first: the channel close itself
+    returns nothing."""
     cleanup.extend(await make_dlq(amqp, queue_name))
     dlq_name = f"{queue_name}.dlq"
-    await put(amqp, dlq_name, [(m, failure_headers(queue_name, "x")) for m in ids(5)])
+    await put(amqp, dlq_name, [(m, failure_headers(queue_name, "x")) for m in ids(70)])
     nacks: list[tuple[int, bool, bool]] = []
     real = aiormq.Channel.basic_nack
 
@@ -376,8 +377,9 @@ async def test_cli_browse_gives_back_with_one_nack_not_by_closing_the_channel(
     monkeypatch.setattr(aiormq.Channel, "basic_nack", spy)
     seen = []
     await dlq.browse(amqp, dlq_name, lambda d: seen.append(d.message_id))
-    assert nacks == [(0, True, True)] and len(seen) == 5
-    assert await drain(amqp, dlq_name) == ids(5)
+    assert nacks == [(32, True, True), (64, True, True), (70, True, True)]
+    assert len(seen) == 70
+    assert await drain(amqp, dlq_name) == ids(70)
 
 
 def test_test_policies_are_cleared() -> None:
