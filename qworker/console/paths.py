@@ -22,10 +22,12 @@ class SegmentConvertor(Convertor[str]):
     regex = "[^/]+"
 
     def convert(self, value: str) -> str:
-        return urllib.parse.unquote(value)
+        # surrogateescape: an id that is not UTF-8 (the wire codec reads such bytes so)
+        # comes back as the same string, instead of U+FFFD that matches nothing.
+        return urllib.parse.unquote(value, errors="surrogateescape")
 
     def to_string(self, value: str) -> str:
-        return urllib.parse.quote(value, safe="")
+        return urllib.parse.quote(value.encode("utf-8", "surrogateescape"), safe="")
 
 
 class RawPath:

@@ -17,7 +17,9 @@ costs a second, one at a time, so guessing is slow. Sessions live in this proces
 only (a restart logs everybody out) and expire after :data:`SESSION_HOURS`.
 
 Every response carries a Content-Security-Policy without inline scripts or styles
-and with ``frame-ancestors 'none'``, ``nosniff``, no referrer, and ``no-store``:
+and with ``frame-ancestors 'none'``, ``nosniff``, no referrer to other sites (``same-origin``:
+under ``no-referrer`` browsers send ``Origin: null`` with a page's own posts, which the guard
+refuses as cross-site), and ``no-store``:
 dead letters are producer-controlled and may hold personal data, so they are
 neither run nor cached.
 """
@@ -65,7 +67,7 @@ SECURITY_HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),
     (b"cross-origin-opener-policy", b"same-origin"),
     (b"cross-origin-resource-policy", b"same-origin"),
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),

@@ -267,7 +267,7 @@ def assert_secured(answer: httpx.Response, what: str) -> None:
     assert "object-src 'none'" in csp, what
     assert answer.headers.get("x-content-type-options") == "nosniff", what
     assert answer.headers.get("x-frame-options") == "DENY", what
-    assert answer.headers.get("referrer-policy") == "no-referrer", what
+    assert answer.headers.get("referrer-policy") == "same-origin", what
     assert answer.headers.get_list("cache-control") == ["no-store"], what
 
 

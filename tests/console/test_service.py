@@ -80,6 +80,30 @@ async def test_browsing_leaves_the_dlq_as_it_was(
     assert [t.message_id for t in await drain(amqp, dlq)] == everything
 
 
+async def test_pages_after_a_scan_neither_skip_nor_repeat_messages(
+    queue_name: str, cleanup: list[str], amqp: AbstractConnection, make_console: MakeConsole
+) -> None:
+    """After a scan every message of a quorum DLQ has been returned once; a page that
+    stopped early would move what it read behind the rest (RabbitMQ delivers returned
+    messages first, in return order), so page 2 would skip. The console holds the rest
+    of the queue (keep_order): pages 1, 2, 3 are the DLQ in order, which stays as it was."""
+    dlq = await filled(amqp, queue_name, 150, cleanup)
+    everything = [*(f"m{i}" for i in range(150)), *(f"t{i}" for i in range(50))]
+    c = await make_console(dlq)
+    assert (await c.get(c.path(dlq, "groups"))).status_code == 200  # the full read
+
+    pages = [
+        ids(await c.get(c.path(dlq, "messages"), params={"limit": 60, "offset": offset}))
+        for offset in (0, 60, 120)
+    ]
+    one = await c.get(c.path(dlq, "messages", "m70"))
+
+    assert [len(page) for page in pages] == [60, 60, 60]
+    assert [m for page in pages for m in page] == everything[:180]
+    assert one.status_code == 200
+    assert [t.message_id for t in await drain(amqp, dlq)] == everything
+
+
 async def test_browsing_a_larger_quorum_dlq_keeps_its_order(
     queue_name: str, cleanup: list[str], amqp: AbstractConnection, make_console: MakeConsole
 ) -> None:
