@@ -33,6 +33,7 @@ from starlette.templating import Jinja2Templates
 from qworker import headers as h
 from qworker.console import paths, views
 from qworker.console.errors import ConsoleError
+from qworker.console.masking import masked_letter
 from qworker.console.service import Console, GroupRow, filter_from
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -248,7 +249,8 @@ async def group_page(request: Request, dlq: str, fingerprint: str) -> Response:
     rows = [g for g in scan.groups if g.fingerprint == fingerprint]
     chosen = filter_from({"fingerprint": fingerprint})
     page = await console.messages(dlq, chosen, limit=PAGE_SIZE, offset=(number - 1) * PAGE_SIZE)
-    sample = next((dl for dl in page.records if dl.traceback), None)
+    records = [masked_letter(dl) for dl in page.records]
+    sample = next((dl for dl in records if dl.traceback), None)
     return _render(
         request,
         "group.html",
@@ -261,7 +263,7 @@ async def group_page(request: Request, dlq: str, fingerprint: str) -> Response:
             "page": page,
             "number": number,
             "first_index": (number - 1) * PAGE_SIZE,
-            "messages": [views.listed(dl) for dl in page.records],
+            "messages": [views.listed(dl) for dl in records],
             "sample": sample,
             "export_query": urlencode({"fingerprint": fingerprint}),
             "crumbs": [(dlq, f"/dlqs/{views.segment(dlq)}"), (f"group {fingerprint}", None)],
@@ -272,7 +274,7 @@ async def group_page(request: Request, dlq: str, fingerprint: str) -> Response:
 @_page
 async def message_page(request: Request, dlq: str, message_id: str) -> Response:
     """``/dlqs/{dlq}/messages/{message_id}``: one dead letter, all of it."""
-    dl = await console_of(request).message(dlq, message_id)
+    dl = masked_letter(await console_of(request).message(dlq, message_id))
     crumbs: list[tuple[str, str | None]] = [(dlq, f"/dlqs/{views.segment(dlq)}")]
     if dl.fingerprint:
         crumbs.append(

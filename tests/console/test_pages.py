@@ -259,3 +259,34 @@ async def test_groups_sort_by_every_column_and_ignore_unknown_sorts() -> None:
                 active = re.search(r'aria-sort="(ascending|descending)"', answer.text)
                 assert active is not None
                 assert active.group(1) == ("descending" if sort.startswith("-") else "ascending")
+
+
+async def test_message_and_group_pages_mask_secrets_and_show_the_trace_id() -> None:
+    """A producer's ``authorization`` header, a password in an error text (a forged dead
+    letter's, never redacted by a worker) and a URL password: shown as ``***`` on the
+    message page and the group page; the body stays as it is (it is the message, and
+    edit & retry needs it); the trace id is shown."""
+    paths.install()
+    queue = "test.secrets.dlq"
+    headers = {
+        **failure("test.secrets", message="login failed: password=hunter2"),
+        "authorization": "Bearer opaque-credential-123",
+        "x-api-key": "k-987654321",
+        "note": "from amqp://svc:s3cr3t@rabbit/",
+        h.TRACE_ID: "4bf92f3577b34da6a3ce929d0e0e4736",
+    }
+    dl = dead_letter(queue, b'{"card": "visible body"}', {"message_id": "s1"}, headers)
+    app = Starlette(routes=list(pages.routes()), middleware=[Middleware(State, can_write=True)])
+    app.state.console = FakeConsole(queue, [dl])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://console.test") as client:
+        message = await client.get(f"/dlqs/{queue}/messages/s1")
+        group = await client.get(f"/dlqs/{queue}/groups/{dl.fingerprint}")
+    for answer in (message, group):
+        assert answer.status_code == 200, answer.text[:300]
+        for secret in ("hunter2", "opaque-credential-123", "k-987654321", "s3cr3t"):
+            assert secret not in answer.text, secret
+    assert "***" in message.text
+    assert "visible body" in message.text
+    assert "4bf92f3577b34da6a3ce929d0e0e4736" in message.text
+    assert "Trace id" in message.text
