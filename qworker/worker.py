@@ -98,6 +98,7 @@ class Worker:
             # Decided once for the worker's life: the serving path tests one attribute.
             tracing=app.start_tracing(),
         )
+        self._tracing = policy.tracing is not None
         # Two consumers per handler for the worker's lifetime (its work queue and its
         # quarantine, sharing one Exclusion); they re-attach on every connect.
         self._consumers: list[Consumer] = []
@@ -193,7 +194,7 @@ class Worker:
                 self._connection = connection
                 self.connections += 1
                 self.ready.set()
-                self._log.info("worker.consuming", queues=self.queues)
+                self._log.info("worker.consuming", queues=self.queues, tracing=self._tracing)
                 await _first_of(self._stop.wait(), lost.wait())
                 self.ready.clear()
                 if self._stop.is_set():
