@@ -30,10 +30,10 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import aiormq
 import structlog
@@ -72,6 +72,7 @@ from qworker.errors import (
 from qworker.redact import redact
 
 log = structlog.get_logger("qworker.console")
+T = TypeVar("T")
 
 #: Filter keys of the API: the CLI's filter options with underscores.
 FILTER_KEYS = (
@@ -349,10 +350,13 @@ class Console:
         self._scans: dict[str, Scan] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._acting: dict[str, Job] = {}
+        #: Passes that answered and are still giving their DLQ back (see _answer_early).
+        self._tails: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         """Let running jobs end (at most :data:`STOP_GRACE` seconds), then close."""
         tasks = [job.task for job in self.jobs.running() if job.task is not None]
+        tasks += self._tails
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE)
             for task in pending:
@@ -360,6 +364,11 @@ class Console:
             if pending:
                 await asyncio.wait(pending)
         await self.link.close()
+
+    async def settled(self) -> None:
+        """Wait until every pass that answered early has given its DLQ back."""
+        while self._tails:
+            await asyncio.wait(set(self._tails))
 
     # Reading.
 
@@ -476,23 +485,28 @@ class Console:
             raise Invalid(f"limit must be 1 to {PAGE_LIMIT}")
         if offset < 0:
             raise Invalid("offset must be 0 or more")
-        records: list[lib.DeadLetter] = []
-        size = 0
-        has_more = False
-        async with (
-            self._reading(dlq) as connection,
-            select(connection, dlq, chosen, offset + limit + 1, keep_order=True) as selection,
-        ):
-            index = 0
-            async for held in selection:
-                if index >= offset:
-                    if len(records) >= limit or (records and size >= PAGE_BYTES):
-                        has_more = True
-                        break
-                    records.append(held.dead_letter)
-                    size += len(held.dead_letter.body)
-                index += 1
-        return Page(records, offset, limit, has_more)
+
+        async def read(connection: AbstractConnection, answer: Callable[[Page], None]) -> Page:
+            records: list[lib.DeadLetter] = []
+            size = 0
+            has_more = False
+            async with select(
+                connection, dlq, chosen, offset + limit + 1, keep_order=True
+            ) as selection:
+                index = 0
+                async for held in selection:
+                    if index >= offset:
+                        if len(records) >= limit or (records and size >= PAGE_BYTES):
+                            has_more = True
+                            break
+                        records.append(held.dead_letter)
+                        size += len(held.dead_letter.body)
+                    index += 1
+                page = Page(records, offset, limit, has_more)
+                answer(page)
+            return page
+
+        return await self._answer_early(dlq, read)
 
     async def message(self, dlq: str, message_id: str) -> lib.DeadLetter:
         """The first dead letter of ``dlq`` with ``message_id``.
@@ -501,11 +515,58 @@ class Console:
             NotFound: no such queue or message. See :meth:`scan` for the rest.
         """
         check_queue_name(dlq)
-        async with self._reading(dlq) as connection:
-            found = await lib.find(connection, dlq, message_id, keep_order=True)
+
+        async def read(
+            connection: AbstractConnection, answer: Callable[[lib.DeadLetter | None], None]
+        ) -> lib.DeadLetter | None:
+            wanted = lib.Filter(message_id=message_id)
+            async with select(connection, dlq, wanted, 1, keep_order=True) as selection:
+                found = None
+                async for held in selection:
+                    found = held.dead_letter
+                answer(found)
+            return found
+
+        found = await self._answer_early(dlq, read)
         if found is None:
             raise NotFound(f"no message with this id in {dlq}")
         return found
+
+    async def _answer_early(
+        self,
+        dlq: str,
+        read: Callable[[AbstractConnection, Callable[[T], None]], Awaitable[T]],
+    ) -> T:
+        """Run a pass over ``dlq`` that can answer before it ends, and return that answer.
+
+        ``read`` calls its ``answer`` as soon as it knows the result (a page, a message),
+        while the pass still has to give everything back, which for a quorum DLQ means
+        holding the rest of it first (``keep_order``: about a full read). That tail goes
+        on in a task of its own, still holding the DLQ (the next read of it waits), so
+        the person who asked sees the page at once.
+        """
+        answered: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def answer(value: T) -> None:
+            if not answered.done():
+                answered.set_result(value)
+
+        async def run() -> None:
+            try:
+                async with self._reading(dlq) as connection:
+                    answer(await read(connection, answer))
+            except BaseException as exc:
+                if not answered.done():
+                    answered.set_exception(exc)
+                elif not isinstance(exc, asyncio.CancelledError):
+                    log.warning("console.give_back_failed", queue=dlq, error=redact(str(exc)))
+                if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+                    raise
+
+        task = asyncio.create_task(run())
+        self._tails.add(task)
+        task.add_done_callback(self._tails.discard)
+        return await asyncio.shield(answered)
 
     @contextlib.asynccontextmanager
     async def export(

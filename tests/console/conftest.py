@@ -73,9 +73,12 @@ class ConsoleUnderTest:
         return "/".join(["/api/dlqs", quoted(dlq), *(quoted(part) for part in rest)])
 
     async def get(self, url: str, **kwargs: Any) -> httpx.Response:
-        """GET with the bearer token (when the console has one)."""
+        """GET with the bearer token (when the console has one), then wait until the pass
+        it made has given the DLQ back (a page answers before that: ``Console.settled``)."""
         headers = {**self.bearer, **kwargs.pop("headers", {})}
-        return await self.client.get(url, headers=headers, **kwargs)
+        answer = await self.client.get(url, headers=headers, **kwargs)
+        await self.console.settled()
+        return answer
 
     async def post(self, url: str, body: Any = None, **kwargs: Any) -> httpx.Response:
         """POST a JSON body with the bearer token (when the console has one)."""
