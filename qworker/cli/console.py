@@ -52,7 +52,7 @@ def read_token(token_file: str | None) -> str | None:
 
 def is_local(host: str) -> bool:
     """True when ``host`` is reachable from this machine only."""
-    if host == "localhost":
+    if host.lower().rstrip(".") == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback

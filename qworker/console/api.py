@@ -64,13 +64,13 @@ def actor_of(request: Request) -> str:
 
 async def read_json(request: Request) -> dict[str, Any]:
     """The request body as a JSON object; raises :class:`Invalid` for anything else."""
-    raw = b""
+    raw = bytearray()
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > BODY_BYTES:
             raise Invalid(f"request body over {BODY_BYTES // (1024 * 1024)} MiB")
     try:
-        value = json.loads(raw or b"{}")
+        value = json.loads(bytes(raw) or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Invalid(f"the body is not JSON: {exc}") from None
     if not isinstance(value, dict):
