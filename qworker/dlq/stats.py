@@ -63,16 +63,18 @@ class Group:
                 self.last_seen = dl.failed_at
 
 
-def describe(dl: DeadLetter) -> tuple[GroupKey, str, str]:
-    """The group key of ``dl``, its normalised message and its top frame.
-
-    The key's fingerprint is ``dl.fingerprint``: the header when present, else computed.
-    """
-    pattern, frame = kind(dl)
-    key = GroupKey(
+def key_of(dl: DeadLetter) -> GroupKey:
+    """The group key of ``dl``; its fingerprint is ``dl.fingerprint`` (the header when
+    present, else computed)."""
+    return GroupKey(
         dl.reason, dl.error_type or "-", dl.handler or "-", dl.fingerprint, dl.error_code
     )
-    return key, pattern, frame
+
+
+def describe(dl: DeadLetter) -> tuple[GroupKey, str, str]:
+    """The group key of ``dl``, its normalised message and its top frame."""
+    pattern, frame = kind(dl)
+    return key_of(dl), pattern, frame
 
 
 #: Distinct groups (and distinct error types) kept; the dead letters of any further
@@ -103,10 +105,13 @@ class Stats:
 
     def add(self, dl: DeadLetter) -> None:
         """Count ``dl``."""
-        key, pattern, frame = describe(dl)
+        key = key_of(dl)
         group = self.groups.get(key)
         if group is None:
             if len(self.groups) - (OTHER_KEY in self.groups) < self.max_groups:
+                # Normalising the message is the costly part of grouping (regular
+                # expressions): done once per group, for the group's description.
+                pattern, frame = kind(dl)
                 group = self.groups[key] = Group(key, pattern, frame)
             else:
                 group = self.groups.get(OTHER_KEY)

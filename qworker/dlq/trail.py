@@ -16,7 +16,7 @@ from qworker import headers as h
 from qworker.dlq.audit import FINGERPRINTS_LIMIT, MESSAGE_IDS_LIMIT, AuditRecord
 from qworker.dlq.filters import Filter
 from qworker.dlq.records import DeadLetter, parse_time
-from qworker.dlq.stats import describe
+from qworker.dlq.stats import key_of
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{12}")
 
@@ -30,7 +30,7 @@ def fingerprint_of(dl: DeadLetter) -> str:
     written = h.read_str(dl.headers, h.FINGERPRINT, 64)
     if written is not None and _FINGERPRINT.fullmatch(written):
         return written
-    return describe(dl)[0].fingerprint
+    return key_of(dl).fingerprint
 
 
 def first_failure_of(dl: DeadLetter) -> datetime | None:
