@@ -452,6 +452,9 @@ async def replace(
         raise QworkerError(f"cannot replay {original.message_id!r}: {route.problem}")
     replay_id = audit.new_id()
     acted = Acted()
+    from qworker.tracing import resolve
+
+    tracing = resolve()
     channel = await connection.channel(publisher_confirms=True)
     try:
         publisher = ConfirmedPublisher(channel)
@@ -462,8 +465,20 @@ async def replace(
         ) as sel:
             async for held in sel:
                 if same_message(held.dead_letter, original):
-                    copy = replay_message(held.dead_letter, body, replay_id=replay_id)
-                    await publisher.publish(copy, route.queue)
+                    dead = held.dead_letter
+                    copy = replay_message(dead, body, replay_id=replay_id)
+                    if tracing is None:
+                        await publisher.publish(copy, route.queue)
+                    else:  # an edit is a replay of one: the same span, linked to the dead one
+                        with tracing.replaying(
+                            dead.headers,
+                            copy.headers,
+                            dead.queue,
+                            route.queue,
+                            copy.message_id,
+                            replay_id,
+                        ):
+                            await publisher.publish(copy, route.queue)
                     await sel.cursor.ack(held.tag)
                     await sel.cursor.flush()
                     acted.add(held.dead_letter)

@@ -213,6 +213,38 @@ async def test_replay_links_back_to_the_dead_attempt_and_the_replayed_attempt_jo
     assert dict(replayed.attributes or {})["qworker.outcome"] == "succeeded"
 
 
+async def test_an_edit_is_a_replay_span_linked_to_the_dead_attempt(
+    broker_url: str,
+    queue_name: str,
+    cleanup: list[str],
+    amqp: aio_pika.abc.AbstractConnection,
+    exporter: InMemorySpanExporter,
+) -> None:
+    """``dlq edit`` (``replace``) replays one message with a new body: the same ``replay``
+    span, linked to the attempt that died, parent of the attempt that handles the edit."""
+    app = App(broker_url)
+    done = asyncio.Event()
+
+    @app.handler(queue_name, retry=FAST)
+    async def handle(payload: dict[str, Any]) -> None:
+        if payload.get("fixed") is not True:
+            raise Permanent("bug")
+        done.set()
+
+    cleanup.extend(s.name for s in app.topology())
+    async with running(app):
+        await app.publish(queue_name, {"n": 1}, message_id="m-edit")
+        (dead_attempt,) = await spans_when(exporter, "process", 1)
+        original = await dlq.find(amqp, f"{queue_name}.dlq", "m-edit")
+        assert original is not None
+        await dlq.replace(amqp, original, b'{"n": 1, "fixed": true}')
+        await asyncio.wait_for(done.wait(), 15)
+        attempts = await spans_when(exporter, "process", 2)
+    (replay,) = named(exporter.get_finished_spans(), "replay")
+    assert [link.context.span_id for link in replay.links] == [ids(dead_attempt)[1]]
+    assert attempts[1].parent is not None and attempts[1].parent.span_id == ids(replay)[1]
+
+
 async def test_tracing_false_produces_no_spans_and_no_trace_headers(
     broker_url: str,
     queue_name: str,
