@@ -17,23 +17,14 @@ from qworker import dlq as lib
 from qworker.app import App
 from qworker.cli._common import DEFAULT_URL, EXIT_USAGE, fail, run_async
 from qworker.connection import connect_once, normalise_urls
+from qworker.dlq import filters
 from qworker.dlq.send import unpublishable
 from qworker.errors import ConfigurationError
 
 T = TypeVar("T")
 Command = Callable[..., Any]
 
-_FILTERS = (
-    "error_type",
-    "reason",
-    "handler",
-    "message_id",
-    "grep",
-    "since",
-    "until",
-    "fingerprint",
-    "error_code",
-)
+_FILTERS = filters.NAMES
 
 
 def broker(url: str | None, app: App | None = None) -> tuple[list[str], str | None]:

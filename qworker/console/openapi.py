@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from qworker.dlq.filters import NAMES
+
 _ERROR = {
     "description": "An error a person can act on",
     "content": {
@@ -19,17 +21,7 @@ _ERROR = {
 _ERRORS = {str(status): _ERROR for status in (400, 401, 403, 404, 409, 503)}
 _DLQ = {"name": "dlq", "in": "path", "required": True, "schema": {"type": "string"}}
 _MESSAGE_ID = {"name": "message_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_FILTER_NAMES = (
-    "fingerprint",
-    "error_code",
-    "error_type",
-    "reason",
-    "handler",
-    "message_id",
-    "grep",
-    "since",
-    "until",
-)
+_FILTER_NAMES = NAMES
 _FILTER_PARAMETERS = [
     {"name": name, "in": "query", "required": False, "schema": {"type": "string"}}
     for name in _FILTER_NAMES

@@ -53,6 +53,7 @@ from qworker.console.errors import (
 )
 from qworker.console.jobs import Job, JobKind, Jobs
 from qworker.console.masking import masked_record
+from qworker.dlq import filters
 from qworker.dlq.cursor import select
 from qworker.dlq.jsonl import to_record
 from qworker.dlq.management import list_dlqs
@@ -75,17 +76,7 @@ log = structlog.get_logger("qworker.console")
 T = TypeVar("T")
 
 #: Filter keys of the API: the CLI's filter options with underscores.
-FILTER_KEYS = (
-    "fingerprint",
-    "error_code",
-    "error_type",
-    "reason",
-    "handler",
-    "message_id",
-    "grep",
-    "since",
-    "until",
-)
+FILTER_KEYS = filters.NAMES
 #: How long a read waits for another pass over the same DLQ before answering Busy.
 READ_WAIT = 120.0
 #: A scan younger than this is reused even if the DLQ's depth changed (marked stale).

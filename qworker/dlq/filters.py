@@ -35,6 +35,21 @@ def parse_when(text: str, now: datetime) -> datetime:
     return when
 
 
+#: The filter conditions by name: ``Filter``'s fields, the keyword arguments of
+#: :meth:`Filter.parse`, the CLI's options (``--error-type``) and the console's keys.
+NAMES = (
+    "fingerprint",
+    "error_code",
+    "error_type",
+    "reason",
+    "handler",
+    "message_id",
+    "grep",
+    "since",
+    "until",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Filter:
     """Conditions a dead letter must all meet; an unset condition matches everything.
