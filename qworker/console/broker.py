@@ -51,12 +51,15 @@ class BrokerLink:
                 and the back-off has not run out yet.
         """
         current = self._connection
-        if current is not None and not current.is_closed:
+        if current is not None and _usable(current):
             return current
         async with self._lock:
             current = self._connection
-            if current is not None and not current.is_closed:
-                return current
+            if current is not None:
+                if _usable(current):
+                    return current
+                self._connection = None
+                await close_quietly(current)
             now = time.monotonic()
             if now < self._next_try:
                 raise Unavailable(f"{self._problem} (next attempt in {self._next_try - now:.0f} s)")
@@ -80,3 +83,10 @@ class BrokerLink:
         if self._connection is not None:
             await close_quietly(self._connection)
             self._connection = None
+
+
+def _usable(connection: AbstractConnection) -> bool:
+    """Open and still connected. ``is_closed`` alone is not enough: aio-pika sets it only
+    when the client closes; a connection the broker closed (or a node that died) only
+    clears ``connected``, and every ``channel()`` on it then raises ``RuntimeError``."""
+    return not connection.is_closed and connection.connected.is_set()

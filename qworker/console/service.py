@@ -452,8 +452,10 @@ class Console:
         return scan
 
     def _reusable(self, cached: Scan, depth: int) -> bool:
-        if depth == 0:
-            return cached.depth == 0
+        if depth == 0 or cached.depth == 0:
+            # An empty scan says nothing about messages that came (or a quorum queue that
+            # reported 0 for a moment after a restart); nothing to show needs no scan.
+            return depth == cached.depth
         young = time.monotonic() - cached.info.monotonic < self.settings.scan_ttl
         return depth == cached.depth or young
 
@@ -789,6 +791,12 @@ def _translated() -> Iterator[None]:
         raise Unavailable(f"lost the connection to the broker: {redact(str(exc))}") from None
     except aiormq.exceptions.AMQPError as exc:
         raise ConsoleError(f"the broker refused: {redact(str(exc))}") from None
+    except RuntimeError as exc:
+        # aiormq's answer to a channel asked of a connection the broker has closed
+        # ("<Connection ...> closed"): the broker went away mid-request.
+        if str(exc).endswith(" closed"):
+            raise Unavailable("lost the connection to the broker; try again") from None
+        raise
     except QworkerError as exc:
         raise ConsoleError(redact(str(exc))) from None
 

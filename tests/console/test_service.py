@@ -329,6 +329,23 @@ async def test_an_old_scan_of_a_moved_dlq_is_taken_again(
     assert sum(g["count"] for g in again.json()) == 5
 
 
+async def test_an_empty_scan_is_never_reused_for_a_dlq_that_filled(
+    queue_name: str, cleanup: list[str], amqp: AbstractConnection, make_console: MakeConsole
+) -> None:
+    """A scan of an empty DLQ (or of a quorum DLQ that reported 0 for a moment after a node
+    restart) is not shown for the DLQ once it holds messages, however young the scan."""
+    cleanup.extend(await make_dlq(amqp, queue_name))
+    dlq = f"{queue_name}.dlq"
+    c = await make_console(dlq)
+    url = c.path(dlq, "groups")
+    empty = await c.get(url)
+    assert empty.json() == []
+    await publish(amqp, dlq, letters(queue_name, 2))
+    filled_now = await c.get(url)
+    assert filled_now.headers["x-qworker-scan-stale"] == "false"
+    assert sum(g["count"] for g in filled_now.json()) == 2
+
+
 # The broker down
 
 

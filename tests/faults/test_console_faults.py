@@ -10,8 +10,7 @@ without a restart; every dead letter is in the DLQ or its target (at worst in bo
 replay's in-flight bound), counted by id by a reader independent of the console.
 
 A kill -9 costs a node boot (about 5 s), so each kill scenario runs once, in a module fixture
-that records what happened, and several tests assert on the record: one per guarantee, so that
-the ones a known bug breaks are ``xfail(strict=True)`` without hiding the ones that hold.
+that records what happened, and several tests assert on the record, one per guarantee.
 
 The private node has the management plugin (on a port of its own), so the DLQ library's
 delivery guard reads the node's own delivery limits, as ``qworker console --management-url``
@@ -81,20 +80,6 @@ RECOVERY_BOUND = broker.LONGEST_WAIT + 15.0
 DUPLICATE_BOUND = DEFAULT_WINDOW + ACK_BATCH
 
 #: Bugs these tests found (see the report of the tests marked with them).
-STALE_CONNECTION = (
-    "qworker/console/broker.py:54,58: BrokerLink.connection() trusts aio_pika's "
-    "Connection.is_closed, which turns true only once the client itself calls close(); after the "
-    "broker closed the connection (rabbitmqctl close_connection, node killed or restarted) it "
-    "stays False, so the dead connection is handed out forever: every request answers 500 "
-    "(aiormq's channel() raises RuntimeError '<Connection ...> closed') without any attempt to "
-    "reconnect, until the console process is restarted"
-)
-UNTRANSLATED = (
-    "qworker/console/service.py:781 _translated() does not turn aiormq's RuntimeError "
-    "'<Connection ...> closed' into Unavailable: a read whose connection dies mid-way (the "
-    "cursor, qworker/dlq/cursor.py:274, calls queue_depth after IDLE_SECONDS without a delivery) "
-    "answers 500 'internal error (logged)' instead of 503"
-)
 
 
 # The private node and its faults.
@@ -585,7 +570,6 @@ def test_reads_hit_by_kill9_end_at_once_with_one_line_and_give_the_dlq_back(
     assert reads.scan_settled and reads.page_settled
 
 
-@pytest.mark.xfail(strict=True, reason=UNTRANSLATED)
 def test_reads_hit_by_kill9_answer_503(reads: ReadKills) -> None:
     """The scan and the page read the kill hit answer 503 (the broker is unavailable), not 500."""
     assert (reads.scan.status, reads.page.status) == (503, 503), (reads.scan, reads.page)
@@ -602,14 +586,12 @@ def test_a_down_node_is_asked_no_more_often_than_the_back_off(reads: ReadKills) 
     assert len(reads.attempts) <= allowed_attempts(span), reads.attempts
 
 
-@pytest.mark.xfail(strict=True, reason=f"{STALE_CONNECTION}; and {UNTRANSLATED}")
 def test_requests_while_the_node_is_down_answer_503(reads: ReadKills) -> None:
     """Every request while the node is down answers 503 (200 once it listens again), never 500."""
     statuses = Counter(h.status for h in reads.down)
     assert set(statuses) <= {503, 200} and statuses[503], statuses
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_CONNECTION)
 def test_the_console_answers_again_once_the_node_is_back(reads: ReadKills) -> None:
     """After each boot the same console (no restart) answers again: 503s at most while its
     back-off runs, then the scan counts every dead letter and the deep page is a full page."""
@@ -737,7 +719,6 @@ def test_a_replay_job_hit_by_kill9_loses_nothing(replays: ReplayKill) -> None:
     assert replays.target.total() >= replays.in_target_at_kill
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_CONNECTION)
 def test_after_the_node_is_back_the_same_console_replays_the_rest(replays: ReplayKill) -> None:
     """Once the node is back, the same console answers (no restart) and a second replay moves
     the rest: the DLQ is empty and the target holds every id, at most the bound twice."""
@@ -875,7 +856,6 @@ def message_ids(answer: httpx.Response) -> list[str]:
     return [record["message_id"] for record in answer.json()]
 
 
-@pytest.mark.xfail(strict=True, reason=STALE_CONNECTION)
 async def test_connection_closed_by_the_broker_between_two_requests(
     node: ConsoleNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
