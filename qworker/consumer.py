@@ -122,6 +122,8 @@ class Consumer:
         self._tasks: dict[asyncio.Task[None], Gate] = {}
         self._stopping = False
         self.in_flight = 0
+        #: When this consumer last settled a delivery (monotonic); see Worker._shutdown.
+        self.settled_at = 0.0
 
     # Channel lifecycle
 
@@ -469,6 +471,7 @@ class Consumer:
                 note=_REDELIVERED,
             )
             return False
+        self.settled_at = time.monotonic()
         return True
 
     # Circuit breaker

@@ -35,6 +35,17 @@ STABLE_SECONDS = 10.0
 _LOSS_ERRORS: tuple[type[BaseException], ...] = (*CONNECT_ERRORS, aiormq.exceptions.AMQPError)
 
 
+#: A graceful stop closes the connection no sooner than this long after the last ack (or
+#: nack/reject). A quorum queue can ignore acks that reach it just before their channel
+#: closes, and return those messages, so their handlers run again after a deploy
+#: (rabbitmq/rabbitmq-server#10327, open). Measured under CPU load (two busy loops on the
+#: 2 cores): raw aio-pika (bench/latency_quorum_settle.py) returned acked messages in 2 of
+#: 20 reps closing at once, 0 of 20 pausing 0.2 s; ``qworker run`` with 100 in flight
+#: (bench/latency.py --parts 3) in 2 of 30 reps (8 and 22 messages) before this pause,
+#: 0 of 30 with it; SIGTERM to exit 0.56 -> 0.77 s. A timing, not a guarantee.
+SETTLE_PAUSE = 0.2
+
+
 class Worker:
     """Consumes the queues of an app's handlers until :meth:`stop` is called.
 
@@ -264,6 +275,10 @@ class Worker:
         for consumer in self._consumers:
             await consumer.stop_taking()
         counts = await asyncio.gather(*(c.drain(self.grace) for c in self._consumers))
+        settled = max((c.settled_at for c in self._consumers), default=0.0)
+        pause = SETTLE_PAUSE - (time.monotonic() - settled)
+        if pause > 0:
+            await asyncio.sleep(pause)
         await close_quietly(connection)
         self._log.info("worker.stopped", cancelled=sum(counts))
 
