@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from qworker.topology import quarantine_name
 from tests.apps import ledger_app
 from tests.support.broker import answers
 from tests.support.cli import subprocess_env
@@ -35,7 +36,7 @@ def worker(
     """
     env = subprocess_env(ledger_app.env(broker_url, queue_name, tmp_path))
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    cleanup.extend([queue_name, f"{queue_name}.dlq"])
+    cleanup.extend([queue_name, f"{queue_name}.dlq", quarantine_name(queue_name)])
     cleanup.extend(f"{queue_name}.retry.{tier}" for tier in LEDGER_TIERS)
     process = WorkerProcess("tests.apps.ledger_app:app", env, tmp_path)
     yield process
