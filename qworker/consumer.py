@@ -128,6 +128,11 @@ class Consumer:
     # Channel lifecycle
 
     @property
+    def holding(self) -> int:
+        """Deliveries this consumer has received and not yet settled (waiting or running)."""
+        return len(self._tasks)
+
+    @property
     def consuming(self) -> bool:
         """A consumer is attached to the queue (false while the breaker holds it off)."""
         return self._gate is not None and self._gate.consuming

@@ -82,6 +82,9 @@ class Worker:
         self.prefetch = max(prefetch or concurrency, concurrency)
         self.grace = grace
         self.ready = asyncio.Event()
+        #: Seconds between the last settle and closing the connection on a graceful stop
+        #: (:data:`SETTLE_PAUSE`; the in-memory test broker needs none).
+        self.settle_pause = SETTLE_PAUSE
         #: Connections established so far (1 after start; more after reconnects).
         self.connections = 0
         self._stop = asyncio.Event()
@@ -158,6 +161,11 @@ class Worker:
     def in_flight(self) -> int:
         """Handlers running right now."""
         return sum(c.in_flight for c in self._consumers)
+
+    @property
+    def holding(self) -> int:
+        """Deliveries received and not yet settled: running, or waiting for a slot."""
+        return sum(c.holding for c in self._consumers)
 
     async def run(self) -> None:
         """Run until stopped; returns after a graceful drain.
@@ -276,7 +284,7 @@ class Worker:
             await consumer.stop_taking()
         counts = await asyncio.gather(*(c.drain(self.grace) for c in self._consumers))
         settled = max((c.settled_at for c in self._consumers), default=0.0)
-        pause = SETTLE_PAUSE - (time.monotonic() - settled)
+        pause = self.settle_pause - (time.monotonic() - settled)
         if pause > 0:
             await asyncio.sleep(pause)
         await close_quietly(connection)
