@@ -1,0 +1,96 @@
+"""The contract suite: every case runs on the in-memory broker and on the real RabbitMQ.
+
+Fixtures:
+
+- ``transport``: ``"memory"`` or ``"rabbitmq"`` (the rabbitmq case carries the ``rabbitmq``
+  marker, so ``-m "not rabbitmq"`` leaves only the in-memory run).
+- ``queue``: a fresh queue name ``test.<hex>``.
+- ``make_app``: builds an :class:`App` on the transport's URL (any URL on memory:
+  :func:`qworker.testing.memory` points the app at its broker).
+- ``run``: ``async with run(app, concurrency=..., prefetch=...) as h`` runs the app's worker
+  on the transport and yields a :class:`qworker.testing.Harness`. On RabbitMQ every queue the
+  app declared (work, DLQ, quarantine, retry tiers, and tiers declared at need) is deleted
+  after the test.
+
+A difference between the two transports is a bug of the in-memory broker, never a skip.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import pytest
+
+from qworker import App, OutcomeKind
+from qworker.testing import Harness, harness
+
+#: Any URL does on the in-memory broker: memory() points the app at itself.
+MEMORY_URL = "amqp://guest:guest@memory.invalid:5672/"
+
+Run = Callable[..., AbstractAsyncContextManager[Harness]]
+
+
+@pytest.fixture(
+    params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)],
+    ids=["memory", "rabbitmq"],
+)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Which broker the case runs on."""
+    return str(request.param)
+
+
+@pytest.fixture
+def url(transport: str, request: pytest.FixtureRequest) -> str:
+    """The app's URL: the test broker's on rabbitmq, a placeholder on memory."""
+    if transport == "rabbitmq":
+        return str(request.getfixturevalue("broker_url"))
+    return MEMORY_URL
+
+
+@pytest.fixture
+def queue() -> str:
+    """A fresh queue name for one test."""
+    return f"test.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_app(url: str) -> Callable[..., App]:
+    """``make_app(**App options)``: an app on the transport's URL, with a unique name."""
+
+    def make(**options: Any) -> App:
+        options.setdefault("name", f"contract-{uuid.uuid4().hex[:8]}")
+        return App(url, **options)
+
+    return make
+
+
+@pytest.fixture
+def run(transport: str, request: pytest.FixtureRequest) -> Run:
+    """``async with run(app, **harness options) as h``: the app's worker on the transport."""
+    if transport == "memory":
+        from qworker.testing import memory
+
+        return memory
+    cleanup: list[str] = request.getfixturevalue("cleanup")
+
+    @asynccontextmanager
+    async def on_rabbitmq(app: App, **options: Any) -> AsyncIterator[Harness]:
+        # Registered before the worker declares anything, so a failed start leaks nothing.
+        cleanup.extend(spec.name for spec in app.topology())
+        h: Harness | None = None
+        try:
+            async with harness(app, **options) as h:
+                yield h
+        finally:
+            if h is not None:
+                # Tiers declared at need (Retry(delay=...) off the policy's schedule).
+                cleanup.extend(
+                    f"{o.queue}.retry.{o.tier}"
+                    for o in h.outcomes
+                    if o.kind is OutcomeKind.RETRIED and o.tier is not None
+                )
+
+    return on_rabbitmq
