@@ -411,75 +411,34 @@ class State:
     # Dead-lettering
 
     def dead_letter(self, queue: Queue, message: Message, reason: str) -> None:
-        """Send ``message`` to the queue's dead-letter target, as RabbitMQ does, or drop it."""
+        """Send ``message`` to the queue's dead-letter target as RabbitMQ 3.10 does
+        (``rabbit_dead_letter:publish/5``), or drop it."""
         exchange = queue.arguments.get("x-dead-letter-exchange")
         if exchange is None or exchange not in ("", "amq.default"):
             return  # no DLX (or one qworker does not model): the message is dropped
-        target_name = queue.arguments.get("x-dead-letter-routing-key") or message.routing_key
-        target = self.queues.get(str(target_name))
+        routing_key = queue.arguments.get("x-dead-letter-routing-key")
+        target_name = str(routing_key) if routing_key is not None else message.routing_key
+        target = self.queues.get(target_name)
         if target is None:
-            return
-        headers = dict(message.properties.headers or {})
-        if self._is_cycle(headers, str(target_name), reason):
-            return
+            return  # unroutable dead letters are dropped
+        headers = record_death(
+            dict(message.properties.headers or {}),
+            queue=queue.name,
+            reason=reason,
+            exchange=message.exchange,
+            routing_key=message.routing_key,
+            expiration=message.properties.expiration,
+            now=self.now(),
+        )
+        if reason != "rejected" and is_cycle(target_name, headers["x-death"]):
+            return  # "Dead-letter queues cycle detected": dropped
         properties = _copy_properties(message.properties)
-        deaths: Any = self._deaths(headers, queue.name, reason, message)
-        headers["x-death"] = deaths
-        if "x-first-death-queue" not in headers:
-            headers["x-first-death-queue"] = str(queue.name)
-            headers["x-first-death-reason"] = str(reason)
-            headers["x-first-death-exchange"] = str(message.exchange)
-        headers["x-last-death-queue"] = str(queue.name)
-        headers["x-last-death-reason"] = str(reason)
-        headers["x-last-death-exchange"] = str(message.exchange)
-        headers.pop("x-delivery-count", None)
         properties.headers = headers
         properties.expiration = None
-        copy = Message(next(self._seq), message.body, properties, str(exchange), str(target_name))
+        copy = Message(next(self._seq), message.body, properties, str(exchange), target_name)
         if self._full(target) and target.arguments.get("x-overflow") == "reject-publish":
             return  # at-most-once: a full target drops it
         self.enqueue(target, copy)
-
-    @staticmethod
-    def _is_cycle(headers: dict[str, Any], target: str, reason: str) -> bool:
-        """3.x: dying into a queue already in its history, with no rejection on the way."""
-        if reason == "rejected":
-            return False
-        deaths = headers.get("x-death")
-        if not isinstance(deaths, list):
-            return False
-        for death in deaths:
-            if not isinstance(death, dict):
-                return False
-            if death.get("reason") == "rejected":
-                return False
-            if death.get("queue") == target:
-                return True
-        return False
-
-    def _deaths(
-        self, headers: dict[str, Any], queue: str, reason: str, message: Message
-    ) -> list[dict[str, Any]]:
-        previous = headers.get("x-death")
-        deaths = [d for d in previous if isinstance(d, dict)] if isinstance(previous, list) else []
-        count = 1
-        for i, death in enumerate(deaths):
-            if death.get("queue") == queue and death.get("reason") == reason:
-                old = death.get("count")
-                count = (old if isinstance(old, int) else 0) + 1
-                del deaths[i]
-                break
-        entry: dict[str, Any] = {
-            "count": LongLongInt(count),
-            "reason": str(reason),
-            "queue": str(queue),
-            "time": datetime.fromtimestamp(int(self.now()), UTC),
-            "exchange": str(message.exchange),
-            "routing-keys": [str(message.routing_key)],
-        }
-        if message.properties.expiration is not None:
-            entry["original-expiration"] = str(message.properties.expiration)
-        return [entry, *deaths]
 
     # Connections going away
 
@@ -496,6 +455,87 @@ class State:
         for queue in touched.values():
             self.dispatch(queue)
         self._reschedule()
+
+
+def record_death(
+    headers: dict[str, Any],
+    *,
+    queue: str,
+    reason: str,
+    exchange: str,
+    routing_key: str,
+    expiration: str | None,
+    now: float,
+) -> dict[str, Any]:
+    """``headers`` with this death recorded, as 3.10's ``update_x_death_header`` does.
+
+    The first death adds ``x-first-death-reason``/``-queue``/``-exchange`` and an entry
+    ``count, reason, queue, time, exchange, routing-keys[, original-expiration]``. A later
+    death of the same (queue, reason) adds one to that entry's count and keeps its other
+    fields (first time, first routing keys), with the entry's keys sorted; other entries
+    follow, regrouped by (queue, reason) (3.10's fold leaves them in reverse order). An
+    ``x-death`` that is not an array is replaced. 3.13+ also writes ``x-last-death-*``;
+    3.10 does not, and neither does this.
+    """
+    info: dict[str, Any] = {
+        "reason": reason,
+        "queue": queue,
+        "time": datetime.fromtimestamp(int(now), UTC),
+        "exchange": exchange,
+        "routing-keys": [routing_key],
+    }
+    if expiration is not None:
+        info["original-expiration"] = expiration
+    fresh = {"count": LongLongInt(1), **info}
+    if "x-death" not in headers:
+        headers["x-first-death-reason"] = reason
+        headers["x-first-death-queue"] = queue
+        headers["x-first-death-exchange"] = exchange
+        headers["x-death"] = [fresh]
+        return headers
+    deaths = headers["x-death"]
+    if not isinstance(deaths, list):
+        headers["x-death"] = [fresh]
+        return headers
+    grouped = _group_by_queue_and_reason([d for d in deaths if isinstance(d, dict)])
+    matches = [d for d in grouped if d.get("queue") == queue and d.get("reason") == reason]
+    others = [d for d in grouped if not (d.get("queue") == queue and d.get("reason") == reason)]
+    if matches:
+        entry = dict(matches[0])
+        count = entry.get("count")
+        entry["count"] = LongLongInt(count + 1 if isinstance(count, int) else 1)
+    else:
+        entry = fresh
+    headers["x-death"] = [dict(sorted(entry.items())), *others]
+    return headers
+
+
+def _group_by_queue_and_reason(deaths: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if len(deaths) <= 1:
+        return deaths
+    seen: set[tuple[Any, Any]] = set()
+    grouped: list[dict[str, Any]] = []
+    for death in deaths:
+        key = (death.get("queue"), death.get("reason"))
+        same = [d for d in deaths if (d.get("queue"), d.get("reason")) == key]
+        first = dict(same[0])
+        if "count" not in first:
+            first = {"count": LongLongInt(len(same)), **first}
+        if not grouped or key not in seen:
+            grouped.insert(0, first)
+        seen.add(key)
+    return grouped
+
+
+def is_cycle(target: str, deaths: list[Any]) -> bool:
+    """3.10's ``is_cycle``: the deaths since the message last died in ``target`` (the one
+    just recorded included) were all automatic (none ``rejected``, none malformed)."""
+    for i, death in enumerate(deaths):
+        if isinstance(death, dict) and death.get("queue") == target:
+            return all(
+                isinstance(d, dict) and d.get("reason") != "rejected" for d in deaths[: i + 1]
+            )
+    return False
 
 
 def _copy_properties(properties: Basic.Properties) -> Basic.Properties:
