@@ -407,6 +407,8 @@ class AmqpConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._opened = False
         self._closed = False
+        self._heartbeat: asyncio.TimerHandle | None = None
+        self._heartbeat_interval = 0.0
         self._on_close = on_close
 
     # asyncio
@@ -468,8 +470,13 @@ class AmqpConnection(asyncio.Protocol):
             )
         elif isinstance(value, commands.Connection.TuneOk):
             self.frame_max = min(value.frame_max or FRAME_MAX, FRAME_MAX)
+            self._heartbeat_interval = max(1.0, value.heartbeat / 2) if value.heartbeat else 0.0
         elif isinstance(value, commands.Connection.Open):
             self.send(0, commands.Connection.OpenOk())
+            if self._heartbeat_interval:  # from now on: a client waiting for OpenOk refuses it
+                self._heartbeat = asyncio.get_running_loop().call_later(
+                    self._heartbeat_interval, self._beat, self._heartbeat_interval
+                )
         elif isinstance(value, commands.Connection.Close):
             self.send(0, commands.Connection.CloseOk())
             self.close()
@@ -477,6 +484,13 @@ class AmqpConnection(asyncio.Protocol):
             self.close()
         else:
             raise ConnectionError_(540, f"NOT_IMPLEMENTED - {getattr(value, 'name', value)}")
+
+    def _beat(self, interval: float) -> None:
+        """Send heartbeats: a client that hears nothing for three intervals gives up."""
+        if self._closed:
+            return
+        self.send(0, heartbeat.Heartbeat())
+        self._heartbeat = asyncio.get_running_loop().call_later(interval, self._beat, interval)
 
     def _close_by_broker(self, code: int, text: str, method: Frame | None) -> None:
         self.send(
@@ -535,6 +549,8 @@ class AmqpConnection(asyncio.Protocol):
         if self._closed:
             return
         self._closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         for channel in list(self.channels.values()):
             channel.release()
         self.channels.clear()
