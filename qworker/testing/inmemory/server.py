@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from pamqp import commands, frame, header, heartbeat
@@ -392,7 +393,10 @@ def _stream_start(queue: Queue, arguments: dict[str, Any]) -> int:
         return max(0, len(queue.log) - 1)
     if isinstance(offset, int) and not isinstance(offset, bool):
         return max(0, min(offset, len(queue.log)))
-    return len(queue.log)  # "next", or a timestamp (every record is older than "now")
+    if isinstance(offset, datetime):  # the first record appended at or after it
+        since = offset.timestamp()
+        return next((m.offset for m in queue.log if m.stored_at >= since), len(queue.log))
+    return len(queue.log)  # "next"
 
 
 class AmqpConnection(asyncio.Protocol):

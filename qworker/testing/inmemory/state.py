@@ -74,7 +74,8 @@ class Message:
     expires_at: float | None = None
     delivery_count: int = 0
     redelivered: bool = False
-    offset: int = 0  # streams only
+    offset: int = 0  # streams only: the message's offset
+    stored_at: float = 0.0  # streams only: when it was appended (broker clock)
 
 
 @dataclass(eq=False, slots=True)
@@ -321,6 +322,7 @@ class State:
     def enqueue(self, queue: Queue, message: Message) -> None:
         if queue.kind == "stream":
             message.offset = len(queue.log)
+            message.stored_at = self.now()
             queue.log.append(message)
             self.dispatch(queue)
             return
