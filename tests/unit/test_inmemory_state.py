@@ -80,16 +80,21 @@ def bodies(queue: Queue) -> list[bytes]:
         # classic: back to the original position, whatever order they come back in
         ("classic", [b"2", b"1"], [b"1", b"2", b"3", b"4"]),
         ("classic", [b"2"], [b"2", b"3", b"4"]),
-        # quorum: returned messages first, in the order they were returned
+        # quorum with a delivery limit: returned messages first, in the order returned
         ("quorum", [b"2", b"1"], [b"2", b"1", b"3", b"4"]),
         ("quorum", [b"1", b"2"], [b"1", b"2", b"3", b"4"]),
+        # quorum without a limit (3.10): a requeue is a new enqueue at the back
+        ("quorum-no-limit", [b"2", b"1"], [b"3", b"4", b"2", b"1"]),
     ],
 )
 def test_returned_messages_go_back_as_the_queue_type_does(
     kind: str, returned: list[bytes], expected: list[bytes]
 ) -> None:
     state = State()
-    queue = declare(state, "q", **{"x-queue-type": kind})
+    arguments: dict[str, Any] = {"x-queue-type": kind.split("-")[0]}
+    if kind == "quorum":
+        arguments["x-delivery-limit"] = 10
+    queue = declare(state, "q", **arguments)
     for body in (b"1", b"2", b"3", b"4"):
         publish(state, "q", body)
     held = {m.body: m for m in (take(state, queue) for _ in range(2))}

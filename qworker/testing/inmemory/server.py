@@ -212,9 +212,13 @@ class Channel:
         count = 0
         if queue is not None:
             if method.if_unused and queue.consumers:
-                raise ChannelError(406, f"PRECONDITION_FAILED - queue '{queue.name}' in use")
+                raise ChannelError(
+                    406, f"PRECONDITION_FAILED - queue '{queue.name}' in vhost '/' in use"
+                )
             if method.if_empty and queue.depth:
-                raise ChannelError(406, f"PRECONDITION_FAILED - queue '{queue.name}' not empty")
+                raise ChannelError(
+                    406, f"PRECONDITION_FAILED - queue '{queue.name}' in vhost '/' not empty"
+                )
             count = self.state.delete(queue)
         if not method.nowait:
             self.connection.send(self.number, commands.Queue.DeleteOk(message_count=count))

@@ -108,6 +108,7 @@ class Queue:
     log: list[Message] = field(default_factory=list)  # streams
     consumers: list[Consumer] = field(default_factory=list)
     unacked: int = 0
+    blocked: bool = False  # quorum with reject-publish: over its limit, refusing publishes
     _turn: int = 0
 
     @property
@@ -281,6 +282,7 @@ class State:
         count = len(queue.ready) + len(queue.returns)
         queue.ready.clear()
         queue.returns.clear()
+        self._maybe_unblock(queue)
         self._reschedule()
         return count
 
@@ -302,22 +304,42 @@ class State:
         if self.fail_publish.get(queue.name):
             self.fail_publish[queue.name] -= 1
             return "rejected"
-        if self._full(queue):
-            if queue.arguments.get("x-overflow") == "reject-publish":
-                return "rejected"
-            if queue.kind != "stream" and (head := queue.head()) is not None:
-                self._drop_head_for_room(queue, head)
+        if self._refuses(queue):
+            return "rejected"
         self.enqueue(queue, Message(next(self._seq), body, properties, exchange, routing_key))
         return "routed"
 
-    @staticmethod
-    def _full(queue: Queue) -> bool:
-        limit = _int_argument(queue.arguments, "x-max-length")
-        return limit is not None and queue.depth + queue.unacked >= limit
+    # Length limits (x-max-length counts ready messages only)
 
-    def _drop_head_for_room(self, queue: Queue, head: Message) -> None:
-        queue.pop()
-        self.dead_letter(queue, head, "maxlen")
+    @staticmethod
+    def _refuses(queue: Queue) -> bool:
+        """``x-overflow: reject-publish`` refuses a message now. A classic queue refuses at
+        its limit; a quorum queue takes one more, then refuses until its ready messages fall
+        to 80 % of the limit (3.10.8 and 4.1 ``rabbit_fifo``: ``is_over_limit``,
+        ``is_below_soft_limit``, ``?LOW_LIMIT``)."""
+        limit = _int_argument(queue.arguments, "x-max-length")
+        if limit is None or queue.arguments.get("x-overflow") != "reject-publish":
+            return False
+        if queue.kind == "quorum":
+            return queue.blocked
+        return queue.depth >= limit
+
+    def _apply_length_limit(self, queue: Queue) -> None:
+        """After an enqueue: block (quorum, reject-publish) or drop heads (``drop-head``)."""
+        limit = _int_argument(queue.arguments, "x-max-length")
+        if limit is None or queue.kind == "stream" or queue.depth <= limit:
+            return
+        if queue.arguments.get("x-overflow") == "reject-publish":
+            queue.blocked = True
+            return
+        while queue.depth > limit:
+            self.dead_letter(queue, queue.pop(), "maxlen")
+
+    @staticmethod
+    def _maybe_unblock(queue: Queue) -> None:
+        limit = _int_argument(queue.arguments, "x-max-length")
+        if queue.blocked and (limit is None or queue.depth <= int(limit * 0.8)):
+            queue.blocked = False
 
     def enqueue(self, queue: Queue, message: Message) -> None:
         if queue.kind == "stream":
@@ -328,6 +350,7 @@ class State:
             return
         message.expires_at = self._expiry(queue, message)
         queue.ready.append(message)
+        self._apply_length_limit(queue)
         self.dispatch(queue)
         self._reschedule()
 
@@ -367,12 +390,13 @@ class State:
         while queue.consumers and queue.head() is not None:
             chosen = queue.next_consumer()
             if chosen is None:
-                return
+                break
             message = queue.pop()
             if not chosen.no_ack:
                 queue.unacked += 1
             chosen.channel.deliver(chosen, message)
             self._expire(queue)
+        self._maybe_unblock(queue)
 
     def get(self, queue: Queue) -> Message | None:
         """basic.get: the head, or None."""
@@ -381,7 +405,10 @@ class State:
             raise ChannelError(406, "PRECONDITION_FAILED - queue type does not support basic.get")
         if queue.head() is None:
             return None
-        return queue.pop()
+        message = queue.pop()
+        self._expire(queue)  # a GetOk's count leaves out an expired message behind it
+        self._maybe_unblock(queue)
+        return message
 
     # Settling
 
@@ -395,18 +422,26 @@ class State:
         if requeue is None:
             pass
         elif requeue:
-            self._return(queue, message)
+            self._return(queue, message, requeued=True)
         else:
             self.dead_letter(queue, message, "rejected")
         self.dispatch(queue)
         self._reschedule()
 
-    def _return(self, queue: Queue, message: Message) -> None:
+    def _return(self, queue: Queue, message: Message, *, requeued: bool) -> None:
+        """A delivery comes back: ``requeued`` by a nack/reject, or its channel closed."""
         if queue.kind == "quorum":
             message.delivery_count += 1
             limit = _int_argument(queue.arguments, "x-delivery-limit")
             if limit is not None and message.delivery_count > limit:
                 self.dead_letter(queue, message, "delivery_limit")
+                return
+            if limit is None and requeued:
+                # 3.10 without a delivery limit turns a requeue into a new enqueue at the
+                # back (rabbit_fifo handle_aux #return{} -> #requeue{}); 4.x always has a
+                # limit (20 by default), so there it goes to the returns like below.
+                message.redelivered = True
+                queue.ready.append(message)
                 return
         queue.put_back(message)
 
@@ -438,7 +473,7 @@ class State:
         properties.headers = headers
         properties.expiration = None
         copy = Message(next(self._seq), message.body, properties, str(exchange), target_name)
-        if self._full(target) and target.arguments.get("x-overflow") == "reject-publish":
+        if self._refuses(target):
             return  # at-most-once: a full target drops it
         self.enqueue(target, copy)
 
@@ -452,7 +487,7 @@ class State:
                 continue
             queue.unacked = max(0, queue.unacked - 1)
             if self.queues.get(queue.name) is queue:
-                self._return(queue, message)
+                self._return(queue, message, requeued=False)
                 touched[queue.name] = queue
         for queue in touched.values():
             self.dispatch(queue)
