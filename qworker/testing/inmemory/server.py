@@ -272,7 +272,7 @@ class Channel:
             routing_key=message.routing_key,
             message_count=queue.depth,
         )
-        self.connection.send_content(self.number, ok, message, queue)
+        self.connection.send_content(self.number, ok, message, queue, got=True)
 
     def _ack(self, method: commands.Basic.Ack) -> None:
         self._settle(method.delivery_tag, method.multiple, None)
@@ -518,10 +518,20 @@ class AmqpConnection(asyncio.Protocol):
         self._write(frame.marshal(value, number))
 
     def send_content(
-        self, number: int, method: Frame, message: Message, queue: Queue | None
+        self,
+        number: int,
+        method: Frame,
+        message: Message,
+        queue: Queue | None,
+        *,
+        got: bool = False,
     ) -> None:
+        """A method with content (Deliver, GetOk, Return), split to the frame size.
+
+        A quorum queue adds ``x-delivery-count`` once a message came back, and to every
+        ``basic.get`` (0 the first time: 3.10 ``rabbit_fifo_client:dequeue/3``)."""
         properties = message.properties
-        if queue is not None and queue.kind == "quorum" and message.delivery_count:
+        if queue is not None and queue.kind == "quorum" and (message.delivery_count or got):
             properties = _with_headers(properties, {"x-delivery-count": message.delivery_count})
         elif queue is not None and queue.kind == "stream":
             properties = _with_headers(properties, {"x-stream-offset": message.offset})
