@@ -1,6 +1,6 @@
 """Broker-semantics contract: the same raw-client scripts against RabbitMQ and the MemoryBroker.
 
-Every test runs twice, on ``memory`` (``qworker.testing.memory.MemoryBroker``) and on
+Every test runs twice, on ``memory`` (``qworker.testing.MemoryBroker``) and on
 ``rabbitmq`` (the real broker, 3.10 on the development machines, of ``broker_url``). The
 expected values are what RabbitMQ 3.10 does; a test that fails on ``memory`` only is a bug
 of the in-memory broker, never a reason to skip.
