@@ -79,7 +79,7 @@ async def test_an_open_breaker_stops_consuming_until_a_probe_succeeds(
     make_app: Callable[..., App], run: Run, queue: str
 ) -> None:
     """Two transient failures open the breaker (2 of 2 calls); nothing runs while it is
-    open; after the 0.2 s cool-down one probe runs and closes it; every message is handled,
+    open; after the 0.1 s cool-down one probe runs and closes it; every message is handled,
     those that never failed at attempt 1 (waiting burnt no retry)."""
     app = make_app()
     circuits = Circuits()
@@ -93,7 +93,7 @@ async def test_an_open_breaker_stops_consuming_until_a_probe_succeeds(
                 opened_at.append(time.monotonic())
 
     app.add_observer(Recovers())
-    breaker = CircuitBreaker(failure_ratio=1.0, window=2, min_calls=2, within=10, cooldown=0.2)
+    breaker = CircuitBreaker(failure_ratio=1.0, window=2, min_calls=2, within=10, cooldown=0.1)
 
     @app.handler(queue, retry=fast(max_attempts=5), breaker=breaker)
     async def handle(payload: dict[str, int], ctx: Context) -> None:
@@ -110,7 +110,7 @@ async def test_an_open_breaker_stops_consuming_until_a_probe_succeeds(
         assert failed == [("m-0", 1), ("m-1", 1)]
         after = [t for _, _, t in calls if t >= opened_at[0]]
         assert len(after) == 4
-        assert min(after) - opened_at[0] >= 0.2  # nothing ran while the breaker was open
+        assert min(after) - opened_at[0] >= 0.1  # nothing ran while the breaker was open
         handled = sorted((o.message_id, o.attempt) for o in h.handled(queue))
         assert handled == [("m-0", 2), ("m-1", 2), ("m-2", 1), ("m-3", 1)]
         assert await h.dead_letters(queue) == []
