@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractConnection
+from yarl import URL
 
 from qworker.app import App
 from qworker.connection import connect
-from qworker.events import Observer, Outcome, OutcomeKind
+from qworker.events import CircuitState, Observer, Outcome, OutcomeKind
+from qworker.testing.relay import Relay
 from qworker.testing.running import running
 from qworker.topology import dlq_name
 from qworker.worker import Worker
@@ -40,13 +42,17 @@ QUIET_LOOKS = 3
 
 
 class Recorder(Observer):
-    """Every outcome the worker reports, in order."""
+    """Every outcome and circuit change the worker reports, in order."""
 
     def __init__(self) -> None:
         self.outcomes: list[Outcome] = []
+        self.circuits: list[tuple[str, CircuitState]] = []
 
     def outcome(self, event: Outcome) -> None:
         self.outcomes.append(event)
+
+    def circuit(self, queue: str, handler: str, state: CircuitState) -> None:
+        self.circuits.append((queue, state))
 
 
 class Harness:
@@ -61,6 +67,7 @@ class Harness:
         worker: Its running worker.
         connection: The harness's own connection (publishing, reading dead letters).
         outcomes: Every outcome the worker reported, in order (:class:`qworker.Outcome`).
+        circuits: Every circuit breaker change, in order: ``(queue, CircuitState)``.
         broker: The in-memory broker, or None on a real RabbitMQ.
     """
 
@@ -71,17 +78,23 @@ class Harness:
         connection: AbstractConnection,
         recorder: Recorder,
         broker: MemoryBroker | None,
+        relays: Sequence[Relay] = (),
     ) -> None:
         self.app = app
         self.worker = worker
         self.connection = connection
         self.broker = broker
         self._recorder = recorder
+        self._relays = list(relays)
         self._channel: aio_pika.abc.AbstractChannel | None = None
 
     @property
     def outcomes(self) -> list[Outcome]:
         return self._recorder.outcomes
+
+    @property
+    def circuits(self) -> list[tuple[str, CircuitState]]:
+        return self._recorder.circuits
 
     def handled(self, queue: str) -> list[Outcome]:
         """The successful outcomes of ``queue``'s handler, in order."""
@@ -221,6 +234,35 @@ class Harness:
             if not channel.is_closed:
                 await channel.close()
 
+    # Faults
+
+    async def lose_connection(self, *, wait: bool = True, timeout: float = 10.0) -> int:  # noqa: ASYNC109
+        """Cut the app's connections to the broker (its worker's and its publisher's) as
+        a network failure would: no close handshake; the broker gives every unsettled
+        delivery back, redelivered. Handlers still running finish, and their acks fail.
+
+        Args:
+            wait: Return only once the worker is connected and consuming again.
+            timeout: Real seconds to wait for that (its reconnect back-off included).
+
+        Returns:
+            How many connections were cut.
+
+        Raises:
+            RuntimeError: the app's URLs are not ``amqp://`` (a TLS line is not relayed).
+            TimeoutError: the worker did not come back within ``timeout``.
+        """
+        if not self._relays:
+            raise RuntimeError("lose_connection needs amqp:// URLs (TLS is not relayed)")
+        before = self.worker.connections
+        cut = sum(relay.cut() for relay in self._relays)
+        deadline = time.monotonic() + timeout
+        while wait and not (self.worker.connections > before and self.worker.health()["ready"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the worker was not consuming again after {timeout:g}s")
+            await asyncio.sleep(POLL_INTERVAL)
+        return cut
+
     # Dead letters
 
     async def dead_letters(self, queue: str, chosen: Filter | None = None) -> list[DeadLetter]:
@@ -302,6 +344,20 @@ async def harness(
         stack.callback(app.observers.remove, recorder)
         connection = await connect(app.urls, ca_file=app.ssl_ca, name=f"{app.name}-test")
         stack.push_async_callback(connection.close)
+        # The app reaches the broker through relays, so that lose_connection can cut them.
+        relays: list[Relay] = []
+        direct = app.urls
+        if all(URL(url).scheme == "amqp" for url in direct):
+            for url in direct:
+                parsed = URL(url)
+                relay = Relay(parsed.host or "localhost", parsed.port or 5672)
+                stack.push_async_callback(relay.stop)
+                relays.append(relay)
+            app.urls = [
+                str(URL(url).with_host("127.0.0.1").with_port(await relay.start()))
+                for url, relay in zip(direct, relays, strict=True)
+            ]
+            stack.callback(setattr, app, "urls", direct)
         stack.push_async_callback(app.close)
         worker = await stack.enter_async_context(
             running(app, queues=queues, concurrency=concurrency, prefetch=prefetch, grace=grace)
@@ -310,4 +366,4 @@ async def harness(
             # The in-memory broker applies an ack before it reads what follows it, so the
             # pause for RabbitMQ's late acks (rabbitmq-server#10327) is not needed there.
             worker.settle_pause = 0.0
-        yield Harness(app, worker, connection, recorder, broker)
+        yield Harness(app, worker, connection, recorder, broker, relays)

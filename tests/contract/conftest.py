@@ -11,7 +11,7 @@ Fixtures:
   on the transport and yields a :class:`qworker.testing.Harness`. On RabbitMQ every queue the
   app declared (work, DLQ, quarantine, retry tiers, and tiers declared at need) is deleted
   after the test.
-- ``crash``: ``await crash(h)`` makes the broker drop the worker's connection without a
+- ``crash``: ``await crash(h)`` cuts the worker's connection without a
   close handshake, as when the worker's host dies (its unacked deliveries come back,
   redelivered), and waits until the worker has connected again.
 
@@ -20,8 +20,6 @@ A difference between the two transports is a bug of the in-memory broker, never 
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -114,23 +112,7 @@ def crash() -> Crash:
 
 
 async def crash_worker(h: Harness) -> None:
-    """Abort the worker's connection as if its host died, then wait for it to reconnect.
-
-    The same on both transports: the socket is aborted from the worker's side, the broker
-    sees the connection die and gives its unacked deliveries back, redelivered. The
-    harness has no such operation yet, so this reaches into the worker and aiormq: the
-    worker's current connection, and the StreamWriter its writer task holds.
-    """
-    connection = h.worker._connection  # private: no public way to reach it
-    assert connection is not None and not connection.is_closed, "the worker is not connected"
-    underlay = connection.transport.connection  # type: ignore[union-attr]
-    frame = underlay._writer_task.get_coro().cr_frame
-    writer = frame.f_locals.get("writer") if frame is not None else None
-    assert isinstance(writer, asyncio.StreamWriter), "aiormq's writer was not found"
-    before = h.worker.connections
-    writer.transport.abort()
-    deadline = time.monotonic() + CRASH_WAIT
-    while h.worker.connections <= before:
-        if time.monotonic() > deadline:
-            raise AssertionError("the worker did not connect again")
-        await asyncio.sleep(0.01)
+    """Cut the worker's connection as if its host died (:meth:`Harness.lose_connection`:
+    the harness relays the app's connections, the same on both transports), then wait
+    until the worker consumes again."""
+    assert await h.lose_connection(timeout=CRASH_WAIT) >= 1, "the worker was not connected"
