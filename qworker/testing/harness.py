@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -114,8 +115,9 @@ class Harness:
         headers: Mapping[str, Any] | None = None,
         message_id: str | None = None,
         correlation_id: str | None = None,
-    ) -> None:
-        """Publish like the app's producers do (:meth:`qworker.App.publish`, confirmed).
+    ) -> str:
+        """Publish like the app's producers do (:meth:`qworker.App.publish`, confirmed);
+        returns the message id (for :meth:`assert_dead_lettered`).
 
         Args:
             queue: The handler's queue.
@@ -124,17 +126,19 @@ class Harness:
             message_id: The message id (default: a fresh one).
             correlation_id: The correlation id.
         """
-        options: dict[str, Any] = {}
+        message_id = message_id or uuid.uuid4().hex
+        options: dict[str, Any] = {"message_id": message_id}
         if headers is not None:
             options["headers"] = dict(headers)
-        if message_id is not None:
-            options["message_id"] = message_id
         if correlation_id is not None:
             options["correlation_id"] = correlation_id
         await self.app.publish(queue, payload, **options)
+        return message_id
 
     async def publish_raw(self, queue: str, body: bytes, **properties: Any) -> None:
         """Publish ``body`` as a producer that is not qworker would: no headers but yours.
+
+        It goes over the harness's own connection, which :meth:`lose_connection` leaves alone.
 
         Args:
             queue: The handler's queue.

@@ -14,10 +14,9 @@ its 4.x differences are noted where qworker could see them:
   ``delivery_limit``. (4.x counts every acquisition against the limit the same way but
   shows only failed deliveries in ``x-delivery-count``, and defaults the limit to 20.)
 - Dead-lettering (``x-dead-letter-exchange`` "" and ``x-dead-letter-routing-key``):
-  ``x-death`` as 3.x writes it (one entry per (queue, reason), newest first, ``count``
-  summed, ``original-expiration`` replacing ``expiration``), ``x-first-death-*`` on the
-  first death, ``x-last-death-*`` on every one (3.13+); a cycle without a rejection is
-  dropped (``rabbit_dead_letter:is_cycle``); an unroutable dead letter is dropped.
+  ``x-death`` as 3.10 writes it (:func:`record_death`; 3.13+ adds ``x-last-death-*``,
+  not written here), ``expiration`` moved to ``original-expiration``; a cycle without a
+  rejection is dropped (:func:`is_cycle`); an unroutable dead letter is dropped.
 - ``x-overflow: reject-publish`` with ``x-max-length``: the publish is nacked.
 - Prefetch per consumer (``basic.qos`` global=False) or per channel (global=True).
 """
