@@ -440,13 +440,23 @@ class AmqpConnection(asyncio.Protocol):
         while self._buffer and not self._closed:
             try:
                 used, number, value = frame.unmarshal(bytes(self._buffer))
-            except UnmarshalingException:
-                return  # wait for the rest of the frame
+            except UnmarshalingException as exc:
+                if not _complete(self._buffer):
+                    return  # wait for the rest of the frame
+                self._close_by_broker(501, f"FRAME_ERROR - {exc}"[:255], None)
+                return
+            except Exception as exc:  # pamqp could not read a complete frame
+                self._close_by_broker(501, f"FRAME_ERROR - {exc!r}"[:255], None)
+                return
             del self._buffer[:used]
             try:
                 self._on_frame(number, value)
             except ConnectionError_ as exc:
                 self._close_by_broker(exc.code, exc.text, exc.method)
+            except Exception as exc:
+                # A bug of this broker: say so on the connection (the test fails with the
+                # reason) rather than leave the client waiting for an answer.
+                self._close_by_broker(541, f"INTERNAL_ERROR - in-memory broker: {exc!r}", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
@@ -577,6 +587,14 @@ class AmqpConnection(asyncio.Protocol):
             if queue is not None and queue.exclusive_owner is self:
                 self.state.delete(queue)
         self._on_close(self)
+
+
+def _complete(buffer: bytearray) -> bool:
+    """The buffer holds a whole frame (so failing to read it is the frame's fault)."""
+    if len(buffer) < 7:
+        return False
+    size = int.from_bytes(buffer[3:7], "big")
+    return len(buffer) >= 7 + size + 1
 
 
 def _with_headers(properties: commands.Basic.Properties, extra: dict[str, Any]) -> Any:

@@ -1,0 +1,50 @@
+"""The in-memory broker's protocol edges (loopback socket, no RabbitMQ): what it does with
+frames it cannot read and methods it does not serve. Its RabbitMQ semantics are proven in
+tests/contract/."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+import aiormq
+import pytest
+
+from qworker.testing import MemoryBroker
+
+
+async def read_close(reader: asyncio.StreamReader) -> bytes:
+    """Read until the broker's connection.close frame has arrived."""
+    data = b""
+    while b"\x00\x0a\x00\x32" not in data:  # class 10 (connection), method 50 (close)
+        chunk = await asyncio.wait_for(reader.read(4096), 2)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def test_a_frame_it_cannot_read_closes_that_connection_with_501_and_no_other() -> None:
+    async with MemoryBroker() as broker:
+        reader, writer = await asyncio.open_connection("127.0.0.1", broker.port)
+        writer.write(b"AMQP\x00\x00\x09\x01")
+        await reader.read(4096)  # connection.start
+        writer.write(b"\x01\x00\x00\x00\x00\x00\x04abcd\xff")  # frame end must be 0xCE
+        assert b"FRAME_ERROR" in await read_close(reader)
+        writer.close()
+        connection = await aio_pika.connect(broker.url)
+        channel = await connection.channel()
+        declared = await channel.declare_queue("still-serving")
+        assert declared.name == "still-serving"
+        await connection.close()
+
+
+async def test_a_method_it_does_not_serve_closes_the_connection_naming_it() -> None:
+    async with MemoryBroker() as broker:
+        connection = await aiormq.connect(broker.url)
+        channel = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ConnectionNotImplemented) as closed:
+            await channel.exchange_declare("events", exchange_type="topic")
+        assert "reply_code=540" in str(closed.value)
+        assert "does not serve Exchange.Declare" in str(closed.value)
+        await connection.close()
