@@ -43,8 +43,8 @@ async def test_a_method_it_does_not_serve_closes_the_connection_naming_it() -> N
     async with MemoryBroker() as broker:
         connection = await aiormq.connect(broker.url)
         channel = await connection.channel()
+        # aiormq raises ConnectionNotImplemented for reply code 540 only.
         with pytest.raises(aiormq.exceptions.ConnectionNotImplemented) as closed:
             await channel.exchange_declare("events", exchange_type="topic")
-        assert "reply_code=540" in str(closed.value)
         assert "does not serve Exchange.Declare" in str(closed.value)
         await connection.close()
