@@ -48,7 +48,12 @@ def quarantine_name(queue: str) -> str:
 
 def retry_queue_name(queue: str, tier_ms: int) -> str:
     """The waiting room of ``queue`` for ``tier_ms``: ``orders.retry.2s``."""
-    return f"{queue}.retry.{tier_name(tier_ms)}"
+    return tier_queue_name(queue, tier_name(tier_ms))
+
+
+def tier_queue_name(queue: str, tier: str) -> str:
+    """The waiting room of ``queue`` for a tier named as outcomes name it (``2s``)."""
+    return f"{queue}.retry.{tier}"
 
 
 def validate_queue_name(queue: str) -> None:

@@ -25,7 +25,7 @@ from qworker.connection import connect
 from qworker.events import CircuitState, Observer, Outcome, OutcomeKind
 from qworker.testing.relay import Relay
 from qworker.testing.running import running
-from qworker.topology import dlq_name
+from qworker.topology import dlq_name, tier_queue_name
 from qworker.worker import Worker
 
 if TYPE_CHECKING:
@@ -206,14 +206,17 @@ class Harness:
     def _busy_queues(self) -> list[str]:
         """The app's queues a message passes through before its outcome (not the DLQs)."""
         names = [s.name for s in self.app.topology(self.worker.queues) if s.role != "dlq"]
-        # Tiers declared at need (``Retry(delay=...)``) are not in the topology.
-        if self.broker is not None:
-            names += [
-                n
-                for n in self.broker.queue_names()
-                if n not in names and any(n.startswith(q + ".retry.") for q in self.worker.queues)
-            ]
+        # Tiers declared at need (``Retry(delay=...)``) are not in the topology: every tier
+        # a retry went to is looked at.
+        for outcome in self._retries():
+            name = tier_queue_name(outcome.queue, outcome.tier or "")
+            if outcome.tier and name not in names:
+                names.append(name)
         return names
+
+    def _retries(self) -> list[Outcome]:
+        """Every retry the worker scheduled, any queue."""
+        return [o for o in self.outcomes if o.kind is OutcomeKind.RETRIED]
 
     async def _busy(self) -> str | None:
         """What is still going on, or None."""
