@@ -128,15 +128,7 @@ class Channel:
             self.close_by_broker(exc.code, exc.text, value)
 
     def close_by_broker(self, code: int, text: str, method: Frame | None) -> None:
-        self.connection.send(
-            self.number,
-            commands.Channel.Close(
-                reply_code=code,
-                reply_text=text[:255],
-                class_id=method.index >> 16 if method is not None else 0,
-                method_id=method.index & 0xFFFF if method is not None else 0,
-            ),
-        )
+        self.connection.send(self.number, _closing(commands.Channel.Close, code, text, method))
         self.release()
         self.closing = True
 
@@ -511,15 +503,7 @@ class AmqpConnection(asyncio.Protocol):
         self._heartbeat = asyncio.get_running_loop().call_later(interval, self._beat, interval)
 
     def _close_by_broker(self, code: int, text: str, method: Frame | None) -> None:
-        self.send(
-            0,
-            commands.Connection.Close(
-                reply_code=code,
-                reply_text=text[:255],
-                class_id=method.index >> 16 if method is not None else 0,
-                method_id=method.index & 0xFFFF if method is not None else 0,
-            ),
-        )
+        self.send(0, _closing(commands.Connection.Close, code, text, method))
         self._release()
 
     # Out
@@ -587,6 +571,21 @@ class AmqpConnection(asyncio.Protocol):
             if queue is not None and queue.exclusive_owner is self:
                 self.state.delete(queue)
         self._on_close(self)
+
+
+def _closing(
+    kind: type[commands.Channel.Close] | type[commands.Connection.Close],
+    code: int,
+    text: str,
+    method: Frame | None,
+) -> Frame:
+    """A channel.close or connection.close naming the method that caused it (if any)."""
+    return kind(
+        reply_code=code,
+        reply_text=text[:255],  # a short string
+        class_id=method.index >> 16 if method is not None else 0,
+        method_id=method.index & 0xFFFF if method is not None else 0,
+    )
 
 
 def _complete(buffer: bytearray) -> bool:
