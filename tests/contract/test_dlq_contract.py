@@ -1,10 +1,11 @@
-"""Reading a DLQ (the DLQ library through the harness): inspection leaves every dead letter
-in place, in an order that depends on the queue type exactly as on RabbitMQ; the audit
-trail records replays."""
+"""Reading a DLQ (the DLQ library through the harness): inspection, stats and export leave
+every dead letter in place, in an order that depends on the queue type exactly as on
+RabbitMQ; the audit trail records replays."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from qworker import App, Permanent
 from qworker import dlq as dlq_library
 from qworker.dlq.audit import STREAM, AuditRecord
+from qworker.dlq.jsonl import read_records
 from qworker.topology import dlq_name
 from tests.contract.conftest import Run
 from tests.contract.helpers import fast
@@ -138,3 +140,44 @@ async def _audit_record(h: Any, since: datetime, replay_id: str) -> AuditRecord:
                     return record
     finally:
         await channel.close()
+
+
+async def test_stats_and_export_read_every_dead_letter_and_leave_them(
+    make_app: Callable[..., App], run: Run, queue: str
+) -> None:
+    """Two kinds of failure, five dead letters: ``stats`` groups them by kind with their
+    counts, ``export`` writes one record per dead letter that reads back to the same ids and
+    reasons, and the DLQ holds all five afterwards."""
+    app = make_app()
+
+    @app.handler(queue, retry=fast(max_attempts=1))
+    async def handle(payload: dict[str, Any]) -> None:
+        if payload["kind"] == "missing":
+            raise Permanent(f"customer {payload['n']} does not exist", code="CUSTOMER_UNKNOWN")
+        raise ConnectionError("gateway down")
+
+    async with run(app) as h:
+        kinds = ["missing", "missing", "missing", "down", "down"]
+        for n, kind in enumerate(kinds):
+            await h.publish(queue, {"kind": kind, "n": n}, message_id=f"s-{n}")
+        await h.run_until_idle()
+        summary, report = await dlq_library.stats(h.connection, dlq_name(queue))
+        assert (report.scanned, summary.total) == (5, 5)
+        groups = sorted((g.key.reason, g.key.error_code, g.count) for g in summary.groups.values())
+        assert groups == [
+            ("permanent_error", "CUSTOMER_UNKNOWN", 3),
+            ("retries_exhausted", None, 2),
+        ]
+        out = io.StringIO()
+        exported = await dlq_library.export(h.connection, dlq_name(queue), out)
+        assert exported.scanned == 5
+        out.seek(0)
+        records = sorted((r.message_id, r.reason) for r in read_records(out, "export"))
+        assert records == [
+            ("s-0", "permanent_error"),
+            ("s-1", "permanent_error"),
+            ("s-2", "permanent_error"),
+            ("s-3", "retries_exhausted"),
+            ("s-4", "retries_exhausted"),
+        ]
+        assert sorted(await _ids(h, queue)) == [f"s-{n}" for n in range(5)]
