@@ -206,17 +206,8 @@ class Harness:
     def _busy_queues(self) -> list[str]:
         """The app's queues a message passes through before its outcome (not the DLQs)."""
         names = [s.name for s in self.app.topology(self.worker.queues) if s.role != "dlq"]
-        # Tiers declared at need (``Retry(delay=...)``) are not in the topology: every tier
-        # a retry went to is looked at.
-        for outcome in self._retries():
-            name = tier_queue_name(outcome.queue, outcome.tier or "")
-            if outcome.tier and name not in names:
-                names.append(name)
-        return names
-
-    def _retries(self) -> list[Outcome]:
-        """Every retry the worker scheduled, any queue."""
-        return [o for o in self.outcomes if o.kind is OutcomeKind.RETRIED]
+        # Tiers declared at need (``Retry(delay=...)``) are not in the topology.
+        return names + [n for n in _tiers_used(self.outcomes) if n not in names]
 
     async def _busy(self) -> str | None:
         """What is still going on, or None."""
@@ -334,6 +325,7 @@ async def harness(
     prefetch: int | None = None,
     grace: float = 5.0,
     broker: MemoryBroker | None = None,
+    delete_queues: bool = False,
 ) -> AsyncIterator[Harness]:
     """Run ``app``'s worker on its broker (``app.urls``) for the block; yield a :class:`Harness`.
 
@@ -344,6 +336,10 @@ async def harness(
         prefetch: Deliveries held at once (default: ``concurrency``).
         grace: Seconds the worker's handlers get to finish when the block ends.
         broker: The in-memory broker ``app.urls`` points at (set by :func:`memory`).
+        delete_queues: At the end, delete every queue of the app's topology for the
+            worker's queues (work, retry tiers, quarantine, DLQ: dead letters too) and every
+            tier a retry went to, also when the worker failed to start. For a broker of
+            your own; never on one where those queues hold real messages.
     """
     recorder = Recorder()
     app.add_observer(recorder)
@@ -366,6 +362,8 @@ async def harness(
             ]
             stack.callback(setattr, app, "urls", direct)
         stack.push_async_callback(app.close)
+        if delete_queues:
+            stack.push_async_callback(_delete_queues, connection, app, queues, recorder)
         worker = await stack.enter_async_context(
             running(app, queues=queues, concurrency=concurrency, prefetch=prefetch, grace=grace)
         )
@@ -374,3 +372,31 @@ async def harness(
             # pause for RabbitMQ's late acks (rabbitmq-server#10327) is not needed there.
             worker.settle_pause = 0.0
         yield Harness(app, worker, connection, recorder, broker, relays)
+
+
+async def _delete_queues(
+    connection: AbstractConnection,
+    app: App,
+    queues: Sequence[str] | None,
+    recorder: Recorder,
+) -> None:
+    """Delete the app's queues for ``queues`` and every tier a recorded retry went to."""
+    names = [spec.name for spec in app.topology(queues)]
+    names += [n for n in _tiers_used(recorder.outcomes) if n not in names]
+    channel = await connection.channel()
+    for name in names:
+        if channel.is_closed:
+            channel = await connection.channel()
+        await channel.queue_delete(name)
+    await channel.close()
+
+
+def _tiers_used(outcomes: Sequence[Outcome]) -> list[str]:
+    """The retry tier queues the recorded retries went to, in first-use order."""
+    names: list[str] = []
+    for outcome in outcomes:
+        if outcome.kind is OutcomeKind.RETRIED and outcome.tier:
+            name = tier_queue_name(outcome.queue, outcome.tier)
+            if name not in names:
+                names.append(name)
+    return names

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from qworker import App, OutcomeKind
+from qworker import App
 from qworker.testing import Harness, harness
 
 #: Any URL does on the in-memory broker: memory() points the app at itself.
@@ -71,30 +71,19 @@ def make_app(url: str) -> Callable[..., App]:
 
 
 @pytest.fixture
-def run(transport: str, request: pytest.FixtureRequest) -> Run:
+def run(transport: str) -> Run:
     """``async with run(app, **harness options) as h``: the app's worker on the transport."""
     if transport == "memory":
         from qworker.testing import memory
 
         return memory
-    cleanup: list[str] = request.getfixturevalue("cleanup")
 
     @asynccontextmanager
     async def on_rabbitmq(app: App, **options: Any) -> AsyncIterator[Harness]:
-        # Registered before the worker declares anything, so a failed start leaks nothing.
-        cleanup.extend(spec.name for spec in app.topology())
-        h: Harness | None = None
-        try:
-            async with harness(app, **options) as h:
-                yield h
-        finally:
-            if h is not None:
-                # Tiers declared at need (Retry(delay=...) off the policy's schedule).
-                cleanup.extend(
-                    f"{o.queue}.retry.{o.tier}"
-                    for o in h.outcomes
-                    if o.kind is OutcomeKind.RETRIED and o.tier is not None
-                )
+        # Every queue it declared, tiers declared at need included, is deleted at the end,
+        # also when the worker fails to start.
+        async with harness(app, delete_queues=True, **options) as h:
+            yield h
 
     return on_rabbitmq
 
