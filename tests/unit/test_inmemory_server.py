@@ -48,3 +48,36 @@ async def test_a_method_it_does_not_serve_closes_the_connection_naming_it() -> N
             await channel.exchange_declare("events", exchange_type="topic")
         assert "does not serve Exchange.Declare" in str(closed.value)
         await connection.close()
+
+
+def _pika_session(url: str, seen: list[object]) -> None:
+    """A blocking pika client (another AMQP implementation than aiormq) in its own thread."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.queue_declare("p", durable=True, arguments={"x-queue-type": "quorum"})
+    properties = pika.BasicProperties(headers={"n": 1, "l": [1, "a"]}, message_id="pm")
+    channel.basic_publish("", "p", b"hello", properties, mandatory=True)
+    try:
+        channel.basic_publish("", "missing", b"x", mandatory=True)
+    except pika.exceptions.UnroutableError as exc:
+        seen.append(("unroutable", len(exc.messages)))
+    method, got, body = channel.basic_get("p", auto_ack=False)
+    seen.append((body, got.message_id, got.headers, method.redelivered))
+    channel.basic_nack(method.delivery_tag, requeue=True)
+    method, got, body = channel.basic_get("p", auto_ack=True)
+    seen.append((body, method.redelivered, got.headers["x-delivery-count"]))
+    connection.close()
+
+
+async def test_a_pika_client_is_served_like_aiormq() -> None:
+    async with MemoryBroker() as broker:
+        seen: list[object] = []
+        await asyncio.wait_for(asyncio.to_thread(_pika_session, broker.url, seen), 10)
+    assert seen == [
+        ("unroutable", 1),
+        (b"hello", "pm", {"n": 1, "l": [1, "a"], "x-delivery-count": 0}, False),
+        (b"hello", True, 1),
+    ]
