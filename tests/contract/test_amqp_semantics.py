@@ -1046,13 +1046,19 @@ async def test_basic_cancel_stops_deliveries_and_keeps_unacked_ones_ackable(
     assert (await get(channel, queue, no_ack=True)).body == b"after"
 
 
-async def test_acking_an_unknown_delivery_tag_closes_the_channel_406(session: Session) -> None:
+@pytest.mark.parametrize("multiple", [False, True])
+async def test_acking_an_unknown_delivery_tag_closes_the_channel_406(
+    session: Session, multiple: bool
+) -> None:
+    """Also with multiple=True: the tag itself must be one the channel holds (rabbit_channel
+    collect_acks), though 0 with multiple means "all"."""
     channel = await session.channel()
     queue = await session.declare(channel)
     await publish(channel, queue, b"x")
     message = await get(channel, queue)
     await channel.basic_ack(message.delivery.delivery_tag)
-    await channel.basic_ack(message.delivery.delivery_tag)  # twice: unknown now
+    # Twice: unknown now.
+    await channel.basic_ack(message.delivery.delivery_tag, multiple=multiple)
     # The ack has no reply; the channel.close comes instead of the reply to the next method.
     with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed) as failed:
         await channel.basic_get(queue)

@@ -285,12 +285,10 @@ class Channel:
         self.connection.send(self.number, commands.Basic.RecoverOk())
 
     def _settle(self, tag: int, multiple: bool, requeue: bool | None) -> None:
-        if multiple:
-            tags = sorted(t for t in self.unacked if tag == 0 or t <= tag)
-        else:
-            if tag not in self.unacked:
-                raise ChannelError(406, f"PRECONDITION_FAILED - unknown delivery tag {tag}")
-            tags = [tag]
+        if not (multiple and tag == 0) and tag not in self.unacked:
+            # Also with multiple: RabbitMQ's collect_acks must find the tag itself.
+            raise ChannelError(406, f"PRECONDITION_FAILED - unknown delivery tag {tag}")
+        tags = sorted(t for t in self.unacked if tag == 0 or t <= tag) if multiple else [tag]
         if any(self.unacked[t][0].name in self.state.drop_on_settle for t in tags):
             names = {self.unacked[t][0].name for t in tags} & self.state.drop_on_settle
             self.state.drop_on_settle -= names
