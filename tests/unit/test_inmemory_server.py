@@ -50,6 +50,20 @@ async def test_a_method_it_does_not_serve_closes_the_connection_naming_it() -> N
         await connection.close()
 
 
+async def test_publish_with_immediate_closes_the_connection_540_as_rabbitmq_does() -> None:
+    async with MemoryBroker() as broker:
+        connection = await aiormq.connect(broker.url)
+        channel = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ConnectionNotImplemented) as closed:
+            await channel.basic_publish(b"x", routing_key="q", immediate=True)
+            await channel.queue_declare("", exclusive=True)  # the close arrives instead
+        assert str(closed.value) == "NOT_IMPLEMENTED - immediate=true"
+        other = await aiormq.connect(broker.url)
+        server_named = await (await other.channel()).queue_declare("", exclusive=True)
+        await other.close()
+        assert str(server_named.queue).startswith("amq.gen-")
+
+
 def _pika_session(url: str, seen: list[object]) -> None:
     """A blocking pika client (another AMQP implementation than aiormq) in its own thread."""
     import pika

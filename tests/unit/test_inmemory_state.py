@@ -398,6 +398,25 @@ def test_declaring_again_must_be_equivalent(
     assert "inequivalent arg" in caught.value.text
 
 
+def test_the_amq_prefix_is_reserved_for_names_the_broker_makes() -> None:
+    state = State()
+    with pytest.raises(ChannelError) as caught:
+        declare(state, "amq.mine")
+    assert caught.value.code == 403
+    assert caught.value.text.endswith("contains reserved prefix 'amq.*'")
+    made = state.declare(
+        "amq.gen-1",
+        passive=False,
+        durable=False,
+        exclusive=True,
+        auto_delete=False,
+        arguments={},
+        owner=None,
+        named_by_broker=True,
+    )
+    assert made.name == "amq.gen-1"
+
+
 def test_passive_declare_of_a_missing_queue_is_404() -> None:
     state = State()
     with pytest.raises(ChannelError) as caught:

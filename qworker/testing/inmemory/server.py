@@ -177,15 +177,15 @@ class Channel:
             self.connection.send(self.number, commands.Confirm.SelectOk())
 
     def _declare(self, method: commands.Queue.Declare) -> None:
-        name = method.queue or f"amq.gen-{next(_generated):022d}"
         queue = self.state.declare(
-            name,
+            method.queue or f"amq.gen-{next(_generated):022d}",
             passive=method.passive,
             durable=method.durable,
             exclusive=method.exclusive,
             auto_delete=method.auto_delete,
             arguments=dict(method.arguments or {}),
             owner=self.connection,
+            named_by_broker=not method.queue,
         )
         if method.exclusive and queue.exclusive_owner is self.connection:
             self.connection.exclusive.add(queue.name)
@@ -309,6 +309,8 @@ class Channel:
                 self.state.dispatch(consumer.queue)
 
     def _basic_publish(self, method: commands.Basic.Publish) -> None:
+        if method.immediate:  # RabbitMQ dropped it in 3.0
+            raise ConnectionError_(540, "NOT_IMPLEMENTED - immediate=true", method)
         self._publish, self._header, self._body, self._received = method, None, [], 0
 
     def _on_content(self, value: Any) -> None:

@@ -206,6 +206,7 @@ class State:
         auto_delete: bool,
         arguments: dict[str, Any],
         owner: object,
+        named_by_broker: bool = False,
     ) -> Queue:
         queue = self.queues.get(name)
         if passive:
@@ -217,6 +218,10 @@ class State:
             self._check_owner(queue, owner)
             self._check_equivalent(queue, durable, arguments)
             return queue
+        if name.startswith("amq.") and not named_by_broker:
+            raise ChannelError(
+                403, f"ACCESS_REFUSED - queue name '{name}' contains reserved prefix 'amq.*'"
+            )
         kind = arguments.get("x-queue-type", "classic")
         if kind not in ("classic", "quorum", "stream"):
             raise ChannelError(
