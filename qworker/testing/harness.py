@@ -16,12 +16,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractConnection
 from yarl import URL
 
 from qworker.app import App
 from qworker.connection import connect
+from qworker.dlq.probes import queue_depth
+from qworker.errors import QueueNotFound
 from qworker.events import CircuitState, Observer, Outcome, OutcomeKind
 from qworker.testing.relay import Relay
 from qworker.testing.running import running
@@ -222,15 +223,10 @@ class Harness:
         return None
 
     async def _depth(self, queue: str) -> int:
-        channel = await self.connection.channel()
         try:
-            declared = await channel.declare_queue(queue, passive=True)
-            return declared.declaration_result.message_count or 0
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return 0
-        finally:
-            if not channel.is_closed:
-                await channel.close()
+            return await queue_depth(self.connection, queue)
+        except QueueNotFound:
+            return 0  # a tier not declared yet holds nothing
 
     # Faults
 

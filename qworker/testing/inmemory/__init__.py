@@ -143,9 +143,10 @@ class MemoryBroker:
             return False
         for name in queues:
             queue = self.state.queues.get(name)
-            if queue is None or queue.head() is None:
+            head = queue.head() if queue is not None else None
+            if queue is None or head is None:
                 continue
-            if queue.consumers or queue.head().expires_at is None:  # type: ignore[union-attr]
+            if queue.consumers or head.expires_at is None:
                 return False  # deliverable now, or waiting for a poll: not for the clock
         due = self.state.next_expiry()
         if due is None:

@@ -23,7 +23,15 @@ from pamqp.base import Frame
 from pamqp.body import ContentBody
 from pamqp.exceptions import UnmarshalingException
 
-from qworker.testing.inmemory.state import ChannelError, Consumer, Message, Queue, State
+from qworker.testing.inmemory.state import (
+    ChannelError,
+    Consumer,
+    Message,
+    Queue,
+    State,
+    copy_properties,
+)
+from qworker.wire import LongLongInt
 
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME_MAX = 131072
@@ -597,10 +605,7 @@ def _complete(buffer: bytearray) -> bool:
 
 
 def _with_headers(properties: commands.Basic.Properties, extra: dict[str, Any]) -> Any:
-    from qworker.testing.inmemory.state import _copy_properties
-    from qworker.wire import LongLongInt
-
-    copy = _copy_properties(properties)
+    copy = copy_properties(properties)
     headers = dict(properties.headers or {})
     headers.update({k: LongLongInt(v) for k, v in extra.items()})
     copy.headers = headers

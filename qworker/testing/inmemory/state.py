@@ -473,7 +473,7 @@ class State:
         )
         if reason != "rejected" and is_cycle(target_name, headers["x-death"]):
             return  # "Dead-letter queues cycle detected": dropped
-        properties = _copy_properties(message.properties)
+        properties = copy_properties(message.properties)
         properties.headers = headers
         properties.expiration = None
         copy = Message(next(self._seq), message.body, properties, str(exchange), target_name)
@@ -579,7 +579,8 @@ def is_cycle(target: str, deaths: list[Any]) -> bool:
     return False
 
 
-def _copy_properties(properties: Basic.Properties) -> Basic.Properties:
+def copy_properties(properties: Basic.Properties) -> Basic.Properties:
+    """A shallow copy of a message's properties (the copy's headers are set anew)."""
     copy = Basic.Properties()
     for name in properties.__slots__:
         setattr(copy, name, getattr(properties, name))
