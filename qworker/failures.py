@@ -61,14 +61,10 @@ _CONTEXT = "\nDuring handling of the above exception, another exception occurred
 _FRAMES_KEPT = (10, 30)  # first and last frames of a very deep traceback
 
 
-def format_traceback(exc: BaseException) -> str:
-    """The traceback of ``exc`` with its chained causes, laid out like the interpreter's.
-
-    Unlike :func:`traceback.format_exception` on Python 3.11+, no ``^^^^`` lines:
-    computing them parses every frame's source line, which made formatting the
-    most expensive step of a failure. Very deep tracebacks keep their first and
-    last frames.
-    """
+def _chain(exc: BaseException) -> list[tuple[BaseException, str]]:
+    """``exc`` and its chained causes, newest first, each with the text linking it to the
+    next one printed (the interpreter's rules: ``__cause__``, else an unsuppressed
+    ``__context__``; a cycle ends the chain)."""
     chain: list[tuple[BaseException, str]] = []
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -82,8 +78,19 @@ def format_traceback(exc: BaseException) -> str:
             current, link = current.__context__, _CONTEXT
         else:
             current = None
+    return chain
+
+
+def format_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` with its chained causes, laid out like the interpreter's.
+
+    Unlike :func:`traceback.format_exception` on Python 3.11+, no ``^^^^`` lines:
+    computing them parses every frame's source line, which made formatting the
+    most expensive step of a failure. Very deep tracebacks keep their first and
+    last frames.
+    """
     parts: list[str] = []
-    for error, link in reversed(chain):
+    for error, link in reversed(_chain(exc)):
         parts.extend(_format_one(error))
         parts.append(link)
     return "".join(parts)
@@ -131,17 +138,72 @@ class ErrorInfo:
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> ErrorInfo:
-        """Capture ``exc`` with its chained causes, its error code and its fingerprint."""
+        """Capture ``exc`` with its chained causes, its error code and its fingerprint.
+
+        A failure site seen lately (see :func:`_site`) is not captured again: formatting,
+        redaction and the fingerprint would give the same result.
+        """
+        code = error_code(exc)
+        site = _site(exc, code)
+        if site is not None and (known := _SITES.get(site)) is not None:
+            return known
         error_type = error_type_name(exc)
         message = truncate(redact(_message(exc)), MESSAGE_LIMIT)
         tb = truncate(redact(format_traceback(exc)), TRACEBACK_LIMIT, keep_tail=True)
-        return cls(
+        info = cls(
             error_type=error_type,
             message=message,
             traceback=tb,
-            code=error_code(exc),
+            code=code,
             fingerprint=fingerprints.of_failure(error_type, message, tb),
         )
+        if site is not None:
+            if len(_SITES) >= SITES_KEPT:
+                del _SITES[next(iter(_SITES))]  # the oldest
+            _SITES[site] = info
+        return info
+
+
+#: Failure sites remembered by :meth:`ErrorInfo.from_exception`, oldest first. A burst of
+#: one failure (a dependency down, a bad deploy) is one site: it is formatted, redacted and
+#: fingerprinted once. Few entries: each holds up to ~18 KiB of text.
+SITES_KEPT = 64
+_SITES: dict[tuple[Any, ...], ErrorInfo] = {}
+#: Longer messages are not remembered (the key would hold them) but captured every time.
+_SITE_MESSAGE_LIMIT = 4 * 1024
+
+
+def _site(exc: BaseException, code: str | None) -> tuple[Any, ...] | None:
+    """What :meth:`ErrorInfo.from_exception` makes of ``exc`` depends on, as a key; None
+    when it is not worth remembering or cannot be keyed.
+
+    Per exception of the chain: its type, ``str()``, notes and link, and the code object and
+    line of every frame. The code object fixes the frame's file and function, and with the
+    line, the source line from :mod:`linecache` (whose cache is never refreshed here, as
+    in :func:`format_traceback`). Syntax errors are left out: their text carries more
+    attributes than these.
+    """
+    key: list[Any] = [code]
+    for error, link in _chain(exc):
+        if isinstance(error, SyntaxError):
+            return None
+        message = _message(error)
+        notes = getattr(error, "__notes__", None)
+        if len(message) > _SITE_MESSAGE_LIMIT or not (notes is None or _plain_notes(notes)):
+            return None
+        frames = tuple(
+            (frame.f_code, line) for frame, line in traceback.walk_tb(error.__traceback__)
+        )
+        key.append((type(error), message, tuple(notes or ()), link, frames))
+    return tuple(key)
+
+
+def _plain_notes(notes: Any) -> bool:
+    return (
+        isinstance(notes, list)
+        and len(notes) <= 8
+        and all(type(n) is str and len(n) <= _SITE_MESSAGE_LIMIT for n in notes)
+    )
 
 
 #: Error codes are names: letters, digits and ``_.:-``, at most this long.

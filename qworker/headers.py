@@ -404,6 +404,15 @@ def _kept(incoming: Mapping[str, Any] | None, name: str, fallback: str) -> str:
 
 def encoded_size(value: Any) -> int:
     """An upper estimate of a header value's size on the wire, in bytes."""
+    kind = type(value)  # the exact types qworker writes first: this runs for every failure
+    if kind is str:
+        return (len(value) if value.isascii() else len(value.encode("utf-8", "replace"))) + 5
+    if kind is int:
+        return 9
+    if kind is dict:
+        return sum(len(k) + 1 + encoded_size(v) for k, v in value.items()) + 5
+    if kind is list:
+        return sum(encoded_size(v) for v in value) + 5
     if isinstance(value, str):
         return len(value.encode("utf-8", "replace")) + 5
     if isinstance(value, bytes | bytearray | memoryview):
@@ -422,10 +431,11 @@ def _fit(ours: dict[str, Any]) -> None:
         return sum(len(k) + 1 + encoded_size(v) for k, v in ours.items())
 
     excess = total() - TOTAL_LIMIT
-    if excess > 0:
-        tb = ours[ERROR_TRACEBACK]
-        room = max(256, len(tb.encode("utf-8", "replace")) - excess)
-        ours[ERROR_TRACEBACK] = truncate(tb, room, keep_tail=True)
+    if excess <= 0:
+        return  # the common case: one pass
+    tb = ours[ERROR_TRACEBACK]
+    room = max(256, len(tb.encode("utf-8", "replace")) - excess)
+    ours[ERROR_TRACEBACK] = truncate(tb, room, keep_tail=True)
     while total() > TOTAL_LIMIT and ours[HISTORY]:
         ours[HISTORY] = ours[HISTORY][1:]
 

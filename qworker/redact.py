@@ -68,6 +68,7 @@ the regular expressions on the common path.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 
@@ -282,11 +283,19 @@ def _apply_rules(text: str) -> str:
 
 def redact(text: str) -> str:
     """Return ``text`` with secrets replaced by ``***``."""
+    if len(text) <= _REMEMBERED_LENGTH:
+        return _redact_remembered(text)
+    return _redact(text)
+
+
+def _redact(text: str) -> str:
     # Only for ASCII: the case-insensitive patterns also match non-ASCII letters that fold
     # to ASCII ones (long s U+017F as s, dotless i U+0131 as i), which ``str.lower`` keeps.
     if not text.isascii():
         return _apply_rules(text)
     lowered = text.lower()
+    if not lowered.strip(_INERT):  # ids, hex, numbers: no trigger can be made of these
+        return text
     hits = {word for word in _TRIGGERS if word in lowered}
     if not hits:
         return text
@@ -294,6 +303,16 @@ def redact(text: str) -> str:
         if not hits.isdisjoint(words):
             text = rule(text)
     return text
+
+
+#: Characters that no trigger is made of alone: a text of only these (a uuid, a hex id, a
+#: number, a version) holds no trigger. Checked at import (and by a unit test).
+_INERT = "0123456789abcdef-.:+ "
+assert all(set(word) - set(_INERT) for word in _TRIGGERS), "a trigger is made of _INERT alone"
+#: Short texts are remembered: a worker logs the same queue, handler, target and severity
+#: with every failure. Values are the redacted texts, so at most ~1,024 x 256 characters.
+_REMEMBERED_LENGTH = 256
+_redact_remembered = functools.lru_cache(maxsize=1024)(_redact)
 
 
 def mask_url(url: str) -> str:
