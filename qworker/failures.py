@@ -13,11 +13,11 @@ import linecache
 import re
 import traceback
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
 from qworker import fingerprint as fingerprints
+from qworker.clock import iso_milliseconds
 from qworker.redact import redact
 
 MESSAGE_LIMIT = 2 * 1024
@@ -28,11 +28,13 @@ _TRUNCATED = "...[truncated]"
 
 def now_iso() -> str:
     """The current UTC time as ISO 8601 with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+    return iso_milliseconds()
 
 
 def truncate(text: str, limit: int, *, keep_tail: bool = False) -> str:
     """Cut ``text`` to at most ``limit`` UTF-8 bytes, marking the cut."""
+    if len(text) <= limit and text.isascii():
+        return text  # the common case, and what encoding and decoding it would give
     data = text.encode("utf-8", "replace")
     if len(data) <= limit:
         return data.decode("utf-8")  # lone surrogates became "?": AMQP needs valid UTF-8

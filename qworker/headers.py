@@ -428,7 +428,10 @@ def _fit(ours: dict[str, Any]) -> None:
     """Shrink the traceback, then the history, until all our headers fit ``TOTAL_LIMIT``."""
 
     def total() -> int:
-        return sum(len(k) + 1 + encoded_size(v) for k, v in ours.items())
+        size = 0
+        for k, v in ours.items():  # most values are ASCII text: counted inline
+            size += len(k) + 1 + (len(v) + 5 if type(v) is str and v.isascii() else encoded_size(v))
+        return size
 
     excess = total() - TOTAL_LIMIT
     if excess <= 0:

@@ -6,6 +6,7 @@ level they cost one level comparison and nothing else.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Callable, MutableMapping
@@ -13,6 +14,7 @@ from typing import Any, Literal
 
 import structlog
 
+from qworker.clock import iso_z
 from qworker.redact import redact
 
 LogFormat = Literal["json", "console"]
@@ -77,12 +79,33 @@ def add_trace_ids(
     return event_dict
 
 
+def add_timestamp(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """``timestamp`` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it
+    (``2026-11-29T10:00:00.123456Z``), at a fraction of its cost (see :mod:`qworker.clock`)."""
+    event_dict["timestamp"] = iso_z()
+    return event_dict
+
+
+_encoders: dict[Callable[[Any], Any], json.JSONEncoder] = {}
+
+
+def _dumps(obj: Any, *, default: Callable[[Any], Any]) -> str:
+    """``json.dumps(obj, default=default)`` with the encoder kept: ``json.dumps`` builds a
+    new ``JSONEncoder`` whenever it is given a keyword (structlog gives ``default``)."""
+    encoder = _encoders.get(default)
+    if encoder is None:
+        encoder = _encoders[default] = json.JSONEncoder(default=default)
+    return encoder.encode(obj)
+
+
 def configure_logging(log_format: LogFormat | None = None, level: str = "INFO") -> None:
     """Configure structlog for a worker process (idempotent)."""
     if log_format is None:
         log_format = "console" if sys.stdout.isatty() else "json"
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_dumps)
         if log_format == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     )
@@ -94,7 +117,7 @@ def configure_logging(log_format: LogFormat | None = None, level: str = "INFO") 
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            add_timestamp,
             structlog.processors.format_exc_info,
             add_trace_ids,
             redact_values,

@@ -8,6 +8,7 @@ computation.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,10 +16,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qworker import failures
+from qworker import clock, failures
 from qworker import fingerprint as fp
 from qworker import headers as h
 from qworker.errors import Permanent
+from qworker.logging import add_timestamp
 from qworker.redact import _INERT, _TRIGGERS, _apply_rules, redact
 
 
@@ -193,3 +195,53 @@ def test_fit_still_shrinks_what_does_not_fit(history: int) -> None:
     }
     h._fit(ours)
     assert sum(len(k) + 1 + h.encoded_size(v) for k, v in ours.items()) <= h.TOTAL_LIMIT
+
+
+def _datetime_at(nanoseconds: int) -> dt.datetime:
+    """What ``datetime.now(UTC)`` gives when the clock reads ``nanoseconds``."""
+    second, rest = divmod(nanoseconds, 1_000_000_000)
+    return dt.datetime.fromtimestamp(second, dt.UTC).replace(microsecond=rest // 1000)
+
+
+@pytest.mark.parametrize(
+    "nanoseconds",
+    [
+        1_796_000_000_000_000_000,  # a whole second: no fraction in the log form
+        1_796_000_000_000_999_999,  # under a microsecond: floored, as datetime.now does
+        1_796_000_000_123_456_789,
+        1_796_000_000_999_999_999,
+        1_796_000_001_000_001_000,  # the next second: the prefix is formatted again
+    ],
+)
+def test_clock_text_is_datetime_isoformat(
+    nanoseconds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """iso_milliseconds and iso_z write what datetime's isoformat (and structlog) write."""
+    monkeypatch.setattr(clock.time, "time_ns", lambda: nanoseconds)
+    at = _datetime_at(nanoseconds)
+    assert clock.iso_milliseconds() == at.isoformat(timespec="milliseconds")
+    assert clock.iso_z() == at.isoformat().replace("+00:00", "Z")
+
+
+def test_the_log_timestamp_is_the_clock_now() -> None:
+    """add_timestamp writes the current time (within a second of datetime's)."""
+    event = add_timestamp(None, "info", {})
+    written = dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+    assert abs((dt.datetime.now(dt.UTC) - written).total_seconds()) < 1
+    assert event["timestamp"].endswith("Z")
+
+
+@given(st.text(max_size=40), st.integers(min_value=0, max_value=60), st.booleans())
+def test_truncate_is_unchanged(text: str, limit: int, keep_tail: bool) -> None:
+    """The ASCII shortcut in truncate gives what encoding and decoding gives."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        expected = data.decode("utf-8")
+    else:
+        room = max(0, limit - len(failures._TRUNCATED))
+        expected = (
+            failures._TRUNCATED + data[-room:].decode("utf-8", "ignore")
+            if keep_tail
+            else data[:room].decode("utf-8", "ignore") + failures._TRUNCATED
+        )
+    assert failures.truncate(text, limit, keep_tail=keep_tail) == expected

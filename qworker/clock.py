@@ -1,0 +1,37 @@
+"""The UTC wall clock as ISO 8601 text, the date and time formatted once per second.
+
+Every failure writes two timestamps (its ``x-qworker-*-failure-at`` headers and its log
+line); ``datetime.now(UTC).isoformat()`` costs more than the rest of either. The clock is
+read as :meth:`datetime.datetime.now` reads it (nanoseconds, floored to microseconds), so
+the text is the same as theirs.
+"""
+
+from __future__ import annotations
+
+import time
+
+_second = -1
+_prefix = ""
+
+
+def utc_now() -> tuple[str, int]:
+    """Now in UTC: ``YYYY-MM-DDTHH:MM:SS`` and the microseconds."""
+    global _second, _prefix
+    second, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+    if second != _second:
+        _prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _second = second
+    return _prefix, nanoseconds // 1000
+
+
+def iso_milliseconds() -> str:
+    """``datetime.now(UTC).isoformat(timespec="milliseconds")``: ``...T10:00:00.123+00:00``."""
+    prefix, microseconds = utc_now()
+    return f"{prefix}.{microseconds // 1000:03d}+00:00"
+
+
+def iso_z() -> str:
+    """``datetime.now(UTC).isoformat()`` with ``Z`` for ``+00:00``, as structlog's
+    ``TimeStamper(fmt="iso", utc=True)`` writes it (no fraction when it is zero)."""
+    prefix, microseconds = utc_now()
+    return f"{prefix}.{microseconds:06d}Z" if microseconds else f"{prefix}Z"
