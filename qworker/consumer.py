@@ -360,10 +360,10 @@ class Consumer:
             self._log.debug(verdict.event, **message_fields(message))
             return True
         if isinstance(verdict, Quarantine):
-            log = self._log.bind(**message_fields(message), crashes=verdict.crashes)
-            if not await self._copy(message, gate, verdict.target, verdict.headers, None, log):
+            fields = {**message_fields(message), "crashes": verdict.crashes}
+            if not await self._copy(message, gate, verdict.target, verdict.headers, None, fields):
                 return False
-            log.warning("message.quarantined", target=verdict.target)
+            self._log.warning("message.quarantined", **fields, target=verdict.target)
             self._exclusion.wake()
             return True
         assert run is not None
@@ -378,31 +378,39 @@ class Consumer:
         pauses the queue (back-off) and gives the original back, counted.
         """
         reason = move.decision.reason.value if move.decision.reason else None
-        log = self._log.bind(
+        # The fields of every line about this move, passed to each call rather than bound:
+        # a bound logger per failure costs a dict and an object for one or two lines.
+        fields = {
             **message_fields(message),
-            attempt=run.attempt,
-            error_type=move.error.error_type,
-            error_message=move.error.message,
-            classification=move.decision.classification.value,
-            fingerprint=move.error.fingerprint or None,
-            severity=severity_of(move.kind, reason, self.handler.options.severity),
-            error_code=move.error.code,
-            runbook=h.read_str(move.headers, h.RUNBOOK, 1024),
-        )
+            "attempt": run.attempt,
+            "error_type": move.error.error_type,
+            "error_message": move.error.message,
+            "classification": move.decision.classification.value,
+            "fingerprint": move.error.fingerprint or None,
+            "severity": severity_of(move.kind, reason, self.handler.options.severity),
+            "error_code": move.error.code,
+            "runbook": h.read_str(move.headers, h.RUNBOOK, 1024),
+        }
         if move.tier_ms is not None and move.tier_ms not in self._tiers:
             try:
                 await self._declare_tier(gate, move.tier_ms)
             except Exception as exc:
-                await self._copy_failed(message, gate, move.target, exc, log)
+                await self._copy_failed(message, gate, move.target, exc, fields)
                 return False
-        if not await self._copy(message, gate, move.target, move.headers, move.expiration_ms, log):
+        copied = await self._copy(
+            message, gate, move.target, move.headers, move.expiration_ms, fields
+        )
+        if not copied:
             return False
         if move.kind is OutcomeKind.RETRIED:
-            log.warning("message.retry_scheduled", delay=move.wait_seconds, tier=move.target)
+            self._log.warning(
+                "message.retry_scheduled", **fields, delay=move.wait_seconds, tier=move.target
+            )
         else:
             # The traceback as written to the dead letter: redacted, capped.
-            log.error(
+            self._log.error(
                 "message.dead_lettered",
+                **fields,
                 reason=reason,
                 dlq=move.target,
                 stack_trace=move.error.traceback,
@@ -417,18 +425,18 @@ class Consumer:
         target: str,
         headers: dict[str, Any],
         expiration_ms: int | None,
-        log: structlog.typing.FilteringBoundLogger,
+        fields: dict[str, Any],
     ) -> bool:
         """Publish a copy with ``headers`` to ``target`` on the delivery's channel, wait for the
         confirm, then ack the original; True when done (False: it went back, or was lost)."""
         if not message.channel_open:
-            log.warning("message.settle_lost", action="move", note=_REDELIVERED)
+            self._log.warning("message.settle_lost", **fields, action="move", note=_REDELIVERED)
             return False
         properties = message.copy_properties(headers, expiration_ms)
         try:
             await gate.publisher.publish_body(message.body, properties, target, patient=True)
         except Exception as exc:  # PublishFailed
-            await self._copy_failed(message, gate, target, exc, log)
+            await self._copy_failed(message, gate, target, exc, fields)
             return False
         self._moves.succeeded()
         await self._settle(message, "ack")
@@ -440,11 +448,13 @@ class Consumer:
         gate: Gate,
         target: str,
         exc: Exception,
-        log: structlog.typing.FilteringBoundLogger,
+        fields: dict[str, Any],
     ) -> None:
         """Pause the queue (outage back-off), then give the original back, counted."""
         pause = self._moves.failed(time.monotonic())
-        log.error("message.move_failed", target=target, error=str(exc), backoff=pause)
+        self._log.error(
+            "message.move_failed", **fields, target=target, error=str(exc), backoff=pause
+        )
         await asyncio.sleep(pause)
         await self.apply(message, gate, RETURNED_AFTER_FAILED_MOVE)
 

@@ -424,14 +424,19 @@ def encoded_size(value: Any) -> int:
     return 9
 
 
+def table_size(headers: Mapping[str, Any]) -> int:
+    """An upper estimate of a header table's size on the wire: its entries' sizes summed."""
+    size = 0
+    for k, v in headers.items():  # most values are ASCII text: counted inline
+        size += len(k) + 1 + (len(v) + 5 if type(v) is str and v.isascii() else encoded_size(v))
+    return size
+
+
 def _fit(ours: dict[str, Any]) -> None:
     """Shrink the traceback, then the history, until all our headers fit ``TOTAL_LIMIT``."""
 
     def total() -> int:
-        size = 0
-        for k, v in ours.items():  # most values are ASCII text: counted inline
-            size += len(k) + 1 + (len(v) + 5 if type(v) is str and v.isascii() else encoded_size(v))
-        return size
+        return table_size(ours)
 
     excess = total() - TOTAL_LIMIT
     if excess <= 0:
@@ -461,7 +466,7 @@ def fit_frame(
     traceback, history and error message are cut. ``size`` is the exact encoded size (costly); it is
     only called when the cheap estimate says the headers may not fit.
     """
-    if sum(len(k) + 1 + encoded_size(v) for k, v in headers.items()) <= budget // 2:
+    if table_size(headers) <= budget // 2:
         return headers
     if size(headers) <= budget:
         return headers

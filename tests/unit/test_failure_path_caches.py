@@ -245,3 +245,10 @@ def test_truncate_is_unchanged(text: str, limit: int, keep_tail: bool) -> None:
             else data[:room].decode("utf-8", "ignore") + failures._TRUNCATED
         )
     assert failures.truncate(text, limit, keep_tail=keep_tail) == expected
+
+
+@given(st.dictionaries(st.text(max_size=8), _VALUES, max_size=6))
+def test_table_size_is_the_sum_of_entry_estimates(headers: dict[str, Any]) -> None:
+    """table_size (used by _fit and fit_frame) sums what encoded_size estimates per entry."""
+    expected = sum(len(k) + 1 + _old_encoded_size(v) for k, v in headers.items())
+    assert h.table_size(headers) == expected
