@@ -15,9 +15,29 @@ the first 12 hex characters. Messages and tracebacks are taken as written to the
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import re
+from collections.abc import Callable
 from pathlib import PurePath
+from typing import Protocol
+
+
+class _Digest(Protocol):
+    def hexdigest(self) -> str: ...
+
+
+def _sha1() -> Callable[..., _Digest]:
+    """The interpreter's own SHA-1 (``_sha1``): hashlib's loads OpenSSL's digest tables,
+    ~0.5 MiB of every worker's memory, for one 12-character id per failure kind. Same digest."""
+    try:
+        module = importlib.import_module("_sha1")
+    except ImportError:  # pragma: no cover - an interpreter built without it
+        module = importlib.import_module("hashlib")
+    sha1: Callable[..., _Digest] = module.sha1
+    return sha1
+
+
+_SHA1 = _sha1()
 
 #: Order matters: the longer, more specific shapes go first, so that e.g. a timestamp
 #: is not cut into numbers and an email's domain is not taken for a path.
@@ -135,9 +155,8 @@ def top_frame(traceback: str) -> str:
 
 def fingerprint(error_type: str, pattern: str, frame: str) -> str:
     """A short stable id of a failure kind."""
-    return hashlib.sha1(
-        f"{error_type}\0{pattern}\0{frame}".encode(), usedforsecurity=False
-    ).hexdigest()[:12]
+    digest = _SHA1(f"{error_type}\0{pattern}\0{frame}".encode(), usedforsecurity=False)
+    return digest.hexdigest()[:12]
 
 
 def of_failure(error_type: str, message: str, traceback: str) -> str:

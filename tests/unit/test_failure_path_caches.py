@@ -252,3 +252,11 @@ def test_table_size_is_the_sum_of_entry_estimates(headers: dict[str, Any]) -> No
     """table_size (used by _fit and fit_frame) sums what encoded_size estimates per entry."""
     expected = sum(len(k) + 1 + _old_encoded_size(v) for k, v in headers.items())
     assert h.table_size(headers) == expected
+
+
+def test_the_fingerprint_digest_is_hashlibs_sha1() -> None:
+    """fingerprint() uses the interpreter's own SHA-1 (no OpenSSL tables): same ids."""
+    import hashlib
+
+    text = "qworker.errors.Permanent\0customer cus_<id> not found\0handlers.py:charge"
+    assert fp.fingerprint(*text.split("\0")) == hashlib.sha1(text.encode()).hexdigest()[:12]
