@@ -5,27 +5,50 @@ unreadable file, ...); 2 bad usage or arguments; 3 the app cannot be loaded or i
 misconfigured; 4 (``dlq replay``) the canaries died again. Failures are one line on
 stderr, never a traceback. The commands live in submodules; the plumbing they share
 (exit codes, :func:`~qworker.cli._common.fail`, loading APP) in :mod:`qworker.cli._common`.
+
+``run``, ``topology`` and ``console`` are imported only when one of them is invoked
+(or listed by ``--help``): a ``dlq`` command needs neither the worker nor the console.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Mapping
+
 import click
 
-from qworker.cli.console import console
 from qworker.cli.dlq import dlq
-from qworker.cli.run import run, topology
+
+#: The commands imported when first needed: name -> ``module:attribute``.
+LAZY_COMMANDS: Mapping[str, str] = {
+    "console": "qworker.cli.console:console",
+    "run": "qworker.cli.run:run",
+    "topology": "qworker.cli.run:topology",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group that imports the modules of :data:`LAZY_COMMANDS` only when one is needed."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in LAZY_COMMANDS:
+            module, _, attribute = LAZY_COMMANDS[cmd_name].partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            assert isinstance(command, click.Command)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qworker")
 def cli() -> None:
     """RabbitMQ workers that fail well, and the tool to inspect and replay dead letters."""
 
 
-cli.add_command(run)
-cli.add_command(topology)
 cli.add_command(dlq)
-cli.add_command(console)
 
 
 def main() -> None:

@@ -12,14 +12,16 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from qworker.app import App
 from qworker.connection import normalise_urls
 from qworker.errors import ConfigurationError, QworkerError
 from qworker.redact import escape_control, redact
+
+if TYPE_CHECKING:
+    from qworker.app import App
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -53,6 +55,8 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 def load_app(spec: str, url: str | None = None) -> App:
     """Import ``module:attribute`` (from the current directory too) and return the App."""
+    from qworker.app import App  # the worker's modules: only commands that load an app
+
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         fail(f"APP must look like module:attribute, got {spec!r}", EXIT_USAGE)

@@ -8,18 +8,19 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from aio_pika.abc import AbstractConnection
 
 from qworker import dlq as lib
-from qworker.app import App
 from qworker.cli._common import DEFAULT_URL, EXIT_USAGE, fail, run_async
 from qworker.connection import connect_once, normalise_urls
 from qworker.dlq import filters
-from qworker.dlq.send import unpublishable
 from qworker.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from qworker.app import App
 
 T = TypeVar("T")
 Command = Callable[..., Any]
@@ -140,6 +141,8 @@ def export_file(path: Path) -> Callable[[], Iterator[lib.DeadLetter]]:
     Each record is also checked to be publishable (its headers encodable), so a
     record that could not be replayed is reported as ``file:line: problem``.
     """
+
+    from qworker.dlq.send import unpublishable  # publishing's modules: replay --from-file only
 
     def read() -> Iterator[lib.DeadLetter]:
         try:

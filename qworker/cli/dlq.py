@@ -23,7 +23,7 @@ import urllib.parse
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 from aio_pika.abc import AbstractConnection
@@ -50,14 +50,15 @@ from qworker.cli._terminal import (
     warn_delivery_count,
     when,
 )
-from qworker.dlq import mttr as times
-from qworker.dlq.audit import AuditRecord
-from qworker.dlq.audit import read as read_trail
 from qworker.dlq.filters import parse_when
 from qworker.dlq.management import list_dlqs
 from qworker.dlq.probes import queue_depth
 from qworker.errors import ConfigurationError, DecodeError, FilterError, ManagementError
 from qworker.redact import redact
+
+if TYPE_CHECKING:
+    from qworker.dlq import mttr as times
+    from qworker.dlq.audit import AuditRecord
 
 EXIT_CANARY = 4
 EXIT_PARTIAL = 5
@@ -469,6 +470,9 @@ def history(
     trail names (or --dlq) are read once, without removing anything, to find replayed
     messages that came back.
     """
+    from qworker.dlq import mttr as times
+    from qworker.dlq.audit import read as read_trail
+
     try:
         start = parse_when(since, datetime.now(UTC)) if since is not None else None
     except FilterError as exc:

@@ -24,26 +24,21 @@ dry runs append nothing); when that append fails, the action's result stands and
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from aio_pika.abc import AbstractConnection
 
-from qworker.app import App
-from qworker.dlq import audit
-from qworker.dlq.audit import AuditFailed, AuditRecord
 from qworker.dlq.cursor import ScanReport, select
 from qworker.dlq.filters import Filter
-from qworker.dlq.jsonl import dumps, read_records
 from qworker.dlq.probes import DeliveryGuard, Safety, use_management
 from qworker.dlq.records import DeadLetter, origin
-from qworker.dlq.replay import ReplayOptions, check_records, replace, replay, replay_records
-from qworker.dlq.send import Canary, Event, ReplayOutcome, ReplayResult
-from qworker.dlq.stats import OTHER_KEY, Group, Stats
-from qworker.dlq.trail import Acted, filter_of
 from qworker.errors import (
     BadRecord,
     BadTarget,
@@ -53,6 +48,21 @@ from qworker.errors import (
     ManagementError,
     QueueNotFound,
 )
+
+if TYPE_CHECKING:
+    from qworker.app import App
+    from qworker.dlq.audit import AuditFailed, AuditRecord
+    from qworker.dlq.jsonl import dumps, read_records
+    from qworker.dlq.replay import (
+        ReplayOptions,
+        check_records,
+        replace,
+        replay,
+        replay_records,
+    )
+    from qworker.dlq.send import Canary, Event, ReplayOutcome, ReplayResult
+    from qworker.dlq.stats import OTHER_KEY, Group, Stats
+    from qworker.dlq.trail import Acted
 
 __all__ = [
     "OTHER_KEY",
@@ -92,6 +102,63 @@ __all__ = [
     "use_management",
     "validate_body",
 ]
+
+#: Where each name of ``__all__`` that is imported on first use lives (PEP 562): reading
+#: needs the cursor, the filters and the records, not export, replay, stats or the audit trail.
+_LAZY = {
+    "OTHER_KEY": "qworker.dlq.stats",
+    "AuditFailed": "qworker.dlq.audit",
+    "AuditRecord": "qworker.dlq.audit",
+    "Canary": "qworker.dlq.send",
+    "Event": "qworker.dlq.send",
+    "Group": "qworker.dlq.stats",
+    "ReplayOptions": "qworker.dlq.replay",
+    "ReplayOutcome": "qworker.dlq.send",
+    "ReplayResult": "qworker.dlq.send",
+    "Stats": "qworker.dlq.stats",
+    "check_records": "qworker.dlq.replay",
+    "dumps": "qworker.dlq.jsonl",
+    "read_records": "qworker.dlq.jsonl",
+    "replace": "qworker.dlq.replay",
+    "replay": "qworker.dlq.replay",
+    "replay_records": "qworker.dlq.replay",
+}
+#: Functions of this package named like one of its submodules.
+_SHADOWED = frozenset({"replay", "stats"})
+
+
+class _Package(types.ModuleType):
+    """This package; a submodule named like one of its functions does not replace it.
+
+    The import system sets every submodule it loads as an attribute of its package. When
+    ``qworker.dlq.replay`` and ``qworker.dlq.stats`` were imported with the package, the
+    functions defined or imported after them won; imported later (on first use, or
+    directly by other code), they would replace :func:`replay` and :func:`stats` here.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+if not TYPE_CHECKING:  # mypy sees the imports above; a typo stays an error for it
+
+    def __getattr__(name: str) -> Any:
+        """Import a name of ``__all__`` (or the ``audit`` module) on first use and keep it."""
+        if name == "audit":
+            return importlib.import_module("qworker.dlq.audit")
+        if name not in _LAZY:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *__all__})
+
 
 #: Records written between two fsyncs (and acks) of ``export(remove=True)``.
 EXPORT_BATCH = 1000
@@ -152,6 +219,8 @@ async def stats(
         chosen: Only dead letters matching this filter (default: all).
         limit: At most this many matching dead letters (None: all).
     """
+    from qworker.dlq.stats import Stats
+
     aggregate = Stats()
     report = await browse(connection, queue, aggregate.add, chosen=chosen, limit=limit)
     return aggregate, report
@@ -188,6 +257,10 @@ async def export(
         AuditFailed: the messages were exported and removed (``exc.result``: the
             report) but the record was not written.
     """
+    from qworker.dlq import audit
+    from qworker.dlq.jsonl import dumps
+    from qworker.dlq.trail import Acted
+
     if remove:
         _sync_directory(out)
     acted = Acted()
@@ -236,6 +309,9 @@ def _export_record(
     actor: str | None,
     exc: BaseException | None = None,
 ) -> AuditRecord:
+    from qworker.dlq import audit
+    from qworker.dlq.trail import filter_of
+
     return acted.record(
         "export-remove",
         dlq=queue,
@@ -290,6 +366,9 @@ async def purge(
         AuditFailed: the messages were purged (``exc.result``: the report) but the
             record was not written.
     """
+    from qworker.dlq import audit
+    from qworker.dlq.trail import Acted, filter_of
+
     acted = Acted()
 
     def purge_record(outcome: str) -> AuditRecord:
