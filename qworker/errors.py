@@ -105,5 +105,9 @@ class BadRecord(QworkerError):
     """A line of an export file is not a dead-letter record."""
 
 
+class BrokerStalled(QworkerError):
+    """RabbitMQ stopped delivering from a queue that it does not report empty."""
+
+
 class ManagementError(QworkerError):
     """The management API could not be asked, or answered something unexpected."""

@@ -46,10 +46,11 @@ from qworker.dlq.probes import (
     close_channel_quietly,
     delivery_guard,
     queue_depth,
+    queue_stat,
     safety,
 )
 from qworker.dlq.records import DELIVERY_COUNT, DeadLetter, dead_letter, properties_of
-from qworker.errors import QworkerError
+from qworker.errors import BrokerStalled, QworkerError
 
 #: AMQP's prefetch count is a 16-bit number.
 MAX_WINDOW = 65535
@@ -61,6 +62,10 @@ IDLE_SECONDS = 1.0
 RETURNED = frozenset({DELIVERY_COUNT, "x-acquired-count"})
 #: How long closing waits for the broker to make returned messages ready again.
 RETURN_SECONDS = 5.0
+#: A pass gives up (:class:`~qworker.errors.BrokerStalled`) after this long with nothing
+#: delivered while the queue cannot be shown to be empty: a broker that stopped delivering
+#: (another consumer is the single active one, say) must not wedge the tool.
+STALL_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +115,8 @@ class Cursor:
         self._returned_before = False
         self._acker: Acker | None = None
         self._delivered = 0
+        #: ``_delivered`` when the last idle check began, and when that was.
+        self._idle_mark = (-1, 0.0)
 
     async def __aenter__(self) -> Cursor:
         self.depth = await queue_depth(self._connection, self.queue)
@@ -187,7 +194,7 @@ class Cursor:
             try:
                 message = await asyncio.wait_for(self._buffer.get(), IDLE_SECONDS)
             except TimeoutError:
-                if await queue_depth(self._connection, self.queue) == 0:
+                if await self._ran_dry():
                     return
                 await self._roll()
                 continue
@@ -225,6 +232,31 @@ class Cursor:
             self._received += 1
         self._delivered += 1
         self._buffer.put_nowait(message)
+
+    async def _ran_dry(self) -> bool:
+        """After an idle wait: True when the queue has no ready message left.
+
+        Only an answer that counts a consumer is believed: this cursor's own consumer is
+        registered, so "0 messages, 0 consumers" is a busy quorum leader's timeout reply
+        (see :data:`~qworker.dlq.probes.QUORUM_STAT_TIMEOUT`), not an empty queue; at a
+        million messages it came within minutes, and the pass stopped at a fifth.
+        Raises :class:`~qworker.errors.BrokerStalled` after :data:`STALL_SECONDS`
+        without a delivery and without such an answer.
+        """
+        now = time.monotonic()
+        if self._idle_mark[0] != self._delivered:
+            self._idle_mark = (self._delivered, now)
+        stat = await queue_stat(self._connection, self.queue)
+        if stat.ready == 0 and stat.consumers > 0:
+            return True
+        if now - self._idle_mark[1] > STALL_SECONDS:
+            raise BrokerStalled(
+                f"RabbitMQ delivered nothing from {self.queue!r} for {STALL_SECONDS:g}s and "
+                f"does not report it empty ({stat.ready} ready, {stat.consumers} consumers; "
+                f"{self._delivered} of {self.depth} read); is another consumer the single "
+                "active one, or is the broker overloaded?"
+            )
+        return False
 
     async def _roll(self) -> None:
         """Replace a consumer that has used its whole window by a fresh one."""
@@ -271,7 +303,7 @@ class Cursor:
         while self._seen < self.depth:
             held = await self.next(IDLE_SECONDS)
             if held is None:
-                if await queue_depth(self._connection, self.queue) == 0:
+                if await self._ran_dry():
                     return
                 # Messages are ready but none come: a fresh consumer has fresh credit.
                 await self._roll()

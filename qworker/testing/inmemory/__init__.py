@@ -14,6 +14,7 @@ path, so its speed on RabbitMQ is untouched. docs/testing.md says what is modell
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -166,6 +167,15 @@ class MemoryBroker:
         """Nack (publisher confirm) the next ``count`` messages published to ``queue``,
         as RabbitMQ does when a queue refuses them (``x-overflow: reject-publish``)."""
         self.state.fail_publish[queue] = self.state.fail_publish.get(queue, 0) + count
+
+    def busy_leader(self, queue: str, seconds: float) -> None:
+        """For ``seconds`` (real time), ``queue`` delivers nothing and a passive declare of it
+        is answered after 0.25 s with 0 messages and 0 consumers: what RabbitMQ (3.10 to
+        4.3) answers when a quorum queue's leader, busy with a large queue, misses the
+        250 ms of ``rabbit_quorum_queue:stat/1``. Deliveries resume afterwards."""
+        self.state.busy_until[queue] = time.monotonic() + seconds
+        # A little after: the loop may run a timer up to its clock resolution early.
+        asyncio.get_running_loop().call_later(seconds + 0.01, self.state.expire_all)
 
     def drop_connection_on_next_settle(self, queue: str) -> None:
         """When the next ack, nack or reject of a delivery from ``queue`` arrives, drop the

@@ -36,6 +36,8 @@ from qworker.wire import LongLongInt
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 FRAME_MAX = 131072
 CHANNEL_MAX = 2047
+#: How late a busy quorum leader's passive declare is answered (RabbitMQ's stat timeout).
+BUSY_STAT_SECONDS = 0.25
 
 _SERVER_PROPERTIES: dict[str, Any] = {
     "product": "qworker in-memory broker",
@@ -197,6 +199,16 @@ class Channel:
         )
         if method.exclusive and queue.exclusive_owner is self.connection:
             self.connection.exclusive.add(queue.name)
+        if method.passive and not method.nowait and self.state.busy(queue.name):
+            # RabbitMQ's answer when a quorum leader misses the 250 ms of
+            # rabbit_quorum_queue:stat/1: 0 messages and 0 consumers, late.
+            asyncio.get_running_loop().call_later(
+                BUSY_STAT_SECONDS,
+                self.connection.send,
+                self.number,
+                commands.Queue.DeclareOk(queue=queue.name, message_count=0, consumer_count=0),
+            )
+            return
         if not method.nowait:
             self.connection.send(
                 self.number,

@@ -169,6 +169,7 @@ class State:
         self._schedule = schedule
         self.fail_publish: dict[str, int] = {}  # queue -> how many publishes to nack
         self.drop_on_settle: set[str] = set()  # queues whose next settle loses the connection
+        self.busy_until: dict[str, float] = {}  # queue -> time.monotonic() its leader answers again
 
     # The clock
 
@@ -390,6 +391,8 @@ class State:
                     consumer.stream_next += 1
                     consumer.channel.deliver(consumer, message)
             return
+        if self.busy(queue.name):
+            return  # MemoryBroker.busy_leader dispatches again when the silence ends
         self._expire(queue)
         while queue.consumers and queue.head() is not None:
             chosen = queue.next_consumer()
@@ -401,6 +404,16 @@ class State:
             chosen.channel.deliver(chosen, message)
             self._expire(queue)
         self._maybe_unblock(queue)
+
+    def busy(self, name: str) -> bool:
+        """True while the queue's leader is too busy to deliver or to answer in time."""
+        until = self.busy_until.get(name)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self.busy_until[name]
+        return False
 
     def get(self, queue: Queue) -> Message | None:
         """basic.get: the head, or None."""

@@ -1,0 +1,106 @@
+"""A DLQ pass over a quorum queue whose leader is too busy to answer in time.
+
+RabbitMQ (3.10 to 4.3, ``rabbit_quorum_queue:stat/1``) answers a passive declare with
+0 messages and 0 consumers when a quorum queue's leader does not reply within 250 ms.
+On a DLQ of a million dead letters that happened within minutes of a ``stats`` pass,
+after a second without deliveries, and the pass ended at 221,001 of 1,000,000. The
+in-memory broker reproduces the condition (``MemoryBroker.busy_leader``); a real broker
+shows it only at a size no test can fill.
+"""
+
+from __future__ import annotations
+
+import aio_pika
+import pytest
+
+from qworker.dlq import cursor as cursor_module
+from qworker.dlq import probes
+from qworker.dlq.cursor import Cursor
+from qworker.dlq.probes import QueueStat, queue_depth
+from qworker.errors import BrokerStalled
+from qworker.testing.inmemory import MemoryBroker
+
+DLQ = "orders.dlq"
+N = 60
+
+
+@pytest.mark.parametrize(
+    ("ready", "consumers", "seconds", "suspect"),
+    [
+        (0, 0, 0.26, True),  # RabbitMQ's timeout answer
+        (0, 0, 0.001, False),  # an empty queue nobody consumes, answered at once
+        (0, 1, 0.3, False),  # a consumer is counted: a real answer, however slow
+        (5, 0, 0.3, False),  # messages are counted: a real answer
+        (0, 0, probes.SUSPECT_AFTER, True),
+    ],
+)
+def test_only_a_late_zero_with_no_consumer_may_be_the_brokers_timeout(
+    ready: int, consumers: int, seconds: float, suspect: bool
+) -> None:
+    assert QueueStat(ready, consumers, seconds).suspect is suspect
+
+
+async def _filled(connection: aio_pika.abc.AbstractConnection) -> None:
+    channel = await connection.channel()
+    await channel.declare_queue(DLQ, durable=True, arguments={"x-queue-type": "quorum"})
+    for i in range(N):
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}", message_id=f"m-{i}"), routing_key=DLQ
+        )
+    await channel.close()
+
+
+async def test_a_pass_reads_every_message_through_a_busy_leader(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cursor_module, "IDLE_SECONDS", 0.2)
+    # One answer per probe: the cursor's own rule must hold, not queue_depth's retries.
+    monkeypatch.setattr(probes, "DEPTH_ATTEMPTS", 1)
+    async with MemoryBroker() as broker:
+        connection = await aio_pika.connect(broker.url)
+        await _filled(connection)
+        seen: list[str | None] = []
+        async with Cursor(connection, DLQ, window=10) as cursor:
+            async for held in cursor:
+                seen.append(held.dead_letter.message_id)
+                if len(seen) == 15:
+                    # Idle checks fall inside the silence: each is answered "0, 0" late.
+                    broker.busy_leader(DLQ, 1.0)
+        assert seen == [f"m-{i}" for i in range(N)]
+        assert await queue_depth(connection, DLQ) == N  # all given back
+        await connection.close()
+
+
+async def test_a_silence_longer_than_the_stall_limit_ends_the_pass_with_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cursor_module, "IDLE_SECONDS", 0.2)
+    monkeypatch.setattr(cursor_module, "STALL_SECONDS", 0.6)
+    monkeypatch.setattr(cursor_module, "RETURN_SECONDS", 0.3)
+    monkeypatch.setattr(probes, "DEPTH_ATTEMPTS", 1)
+    async with MemoryBroker() as broker:
+        connection = await aio_pika.connect(broker.url)
+        await _filled(connection)
+        read = 0
+        with pytest.raises(BrokerStalled, match=r"delivered nothing from 'orders\.dlq'") as stalled:
+            async with Cursor(connection, DLQ, window=10) as cursor:
+                async for _ in cursor:
+                    read += 1
+                    if read == 15:
+                        broker.busy_leader(DLQ, 30.0)
+        assert "of 60 read" in str(stalled.value)
+        broker.state.busy_until.clear()  # the leader answers again: nothing was lost
+        assert await queue_depth(connection, DLQ) == N
+        await connection.close()
+
+
+async def test_queue_depth_asks_again_about_a_suspect_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with MemoryBroker() as broker:
+        connection = await aio_pika.connect(broker.url)
+        await _filled(connection)
+        broker.busy_leader(DLQ, 0.3)
+        # The first answer (after 0.25 s) says 0; asked again after the silence: N.
+        assert await queue_depth(connection, DLQ) == N
+        await connection.close()
