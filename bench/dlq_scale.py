@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -36,11 +38,16 @@ import aio_pika
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from console_scale import URL, depth, drop, fill, git, machine
+from dlq_floor import move_floor, read_floor
 from replay import ceiling_rate
 
 #: Commands get this long before they are killed (the 1M stats run takes ~1.5 min).
 COMMAND_TIMEOUT = 1800
 
+
+#: The first line of ``dlq stats``: ``Q: 221001 of 1000000 dead letters in ...`` when the
+#: pass read fewer than were ready, else ``Q: 1000000 dead letters in ...``.
+SCANNED = re.compile(r": (\d+)(?: of \d+)? dead letters")
 
 #: Runs ``qworker`` in this interpreter and prints its own peak RSS (KiB) last on stderr.
 LAUNCHER = (
@@ -53,8 +60,15 @@ LAUNCHER = (
 )
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measured(args: list[str]) -> dict[str, Any]:
-    """Run ``qworker dlq ARGS``: wall seconds, exit code, the process's own peak RSS."""
+    """Run ``qworker dlq ARGS``: wall seconds, exit code, the process's own peak RSS and CPU
+    seconds, and how many dead letters a ``stats`` pass says it read (``scanned``)."""
+    cpu0 = _children_cpu()
     began = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", LAUNCHER, "dlq", *args],
@@ -66,8 +80,12 @@ def measured(args: list[str]) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     err = proc.stderr.decode(errors="replace")
     rss = [line.split()[1] for line in err.splitlines() if line.startswith("MAXRSS ")]
+    out = proc.stdout.decode(errors="replace")
+    read = SCANNED.search(out)
     return {
         "seconds": seconds,
+        "cpu_s": _children_cpu() - cpu0,
+        "scanned": int(read.group(1)) if read else None,
         "rc": proc.returncode,
         "stderr": err.replace(f"MAXRSS {rss[-1]}", "").strip()[-300:] if rss else err[-300:],
         "peak_rss_mib": int(rss[-1]) / 1024 if rss else float("nan"),
@@ -107,6 +125,8 @@ def one_size(n: int) -> dict[str, Any]:
         row["fill"] = asyncio.run(prepare(queue, n))
         row["show"] = measured(["show", dlq, "--limit", "20"])
         row["ls"] = measured(["ls", "--queue", dlq, "--sample", "0"])
+        # The I/O floor of a reading pass, right before the commands that make one.
+        row["read_floor"] = asyncio.run(read_floor(dlq))
         row["stats"] = measured(["stats", dlq])
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "export.jsonl"
@@ -118,6 +138,8 @@ def one_size(n: int) -> dict[str, Any]:
         row["ceiling"] = asyncio.run(ceiling_rate(10_000))
         row["replay"] = measured(["replay", dlq, "--to", f"{queue}.target"])
         row["after"] = asyncio.run(_depths(queue))
+        # The floor of a replay: the same messages moved back, confirm before ack, 100 out.
+        row["move_floor"] = asyncio.run(move_floor(f"{queue}.target", dlq, window=100))
     finally:
         asyncio.run(cleanup(queue))
     return row
@@ -161,6 +183,39 @@ def report(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
             f"{r['n'] / replay['seconds'] / fill_rate:.2f}, "
             f"{r['n'] / replay['seconds'] / r['ceiling']:.2f} of {r['ceiling']:,.0f}) | {rss} | "
             f"{r['after']['dlq']:,} / {r['after']['target']:,} |"
+        )
+    lines += [
+        "",
+        "Against the I/O floor (`bench/dlq_floor.py`: aiormq alone, qworker's field codec, no "
+        "records, filters or output): the read floor holds every message and gives all back, "
+        "like a pass; the move floor publishes each message with confirms (100 outstanding) "
+        "and acks it after its confirm. x floor = floor seconds / command seconds (1.00: at "
+        "the floor). CPU us/msg: the command process's user+system CPU per dead letter, "
+        "start-up included; the floor's is its own process's.",
+        "",
+        "| dead letters | read floor s (msg/s, CPU us/msg) | stats read | ls --sample 0 s "
+        "(x floor, CPU us/msg) | stats s (x floor, CPU us/msg) | export s (x floor, CPU us/msg) "
+        "| move floor s (msg/s, CPU us/msg) | replay s (x floor, CPU us/msg) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        n, rf, mf = r["n"], r["read_floor"], r["move_floor"]
+
+        def against(key: str, floor: dict[str, Any], n: int = n, r: dict[str, Any] = r) -> str:
+            c = r[key]
+            return (
+                f"{c['seconds']:.1f} ({floor['seconds'] / c['seconds']:.2f}, "
+                f"{1e6 * c['cpu_s'] / n:,.0f})"
+            )
+
+        scanned = r["stats"]["scanned"]
+        read = "?" if scanned is None else f"{scanned:,}"
+        lines.append(
+            f"| {n:,} | {rf['seconds']:.1f} ({rf['rate']:,.0f}, "
+            f"{1e6 * rf['client_cpu_s'] / n:,.0f}) | {read} | {against('ls', rf)} | "
+            f"{against('stats', rf)} | {against('export', rf)} | "
+            f"{mf['seconds']:.1f} ({mf['rate']:,.0f}, {1e6 * mf['client_cpu_s'] / n:,.0f}) | "
+            f"{against('replay', mf)} |"
         )
     failed = [
         (r["n"], k, r[k]["rc"], r[k]["stderr"])
