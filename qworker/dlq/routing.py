@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aio_pika.abc import AbstractConnection
 
-from qworker.dlq.probes import queue_depth
+from qworker.dlq.probes import queue_stat
 from qworker.dlq.records import DeadLetter, Destination, origin, queue_name_problem
 from qworker.errors import BadTarget, QueueNotFound
 
@@ -31,7 +31,7 @@ class Router:
             problem = queue_name_problem(self._to, dlq)
             if problem is not None:
                 raise BadTarget(f"--to: {problem}")
-            await queue_depth(self._connection, self._to)
+            await queue_stat(self._connection, self._to)  # exists? (one answer is enough)
 
     async def route(self, dl: DeadLetter) -> Destination:
         """Where ``dl`` goes, or why it cannot go anywhere."""
@@ -50,7 +50,7 @@ class Router:
 
     async def _queue_exists(self, name: str) -> bool:
         try:
-            await queue_depth(self._connection, name)
+            await queue_stat(self._connection, name)
         except QueueNotFound:
             return False
         return True
