@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import time
 
-_second = -1
-_prefix = ""
+#: (second, its ``YYYY-MM-DDTHH:MM:SS``), read and replaced as one tuple: handlers running in
+#: threads log too, and a second read apart from its prefix could be a second off.
+_formatted: tuple[int, str] = (-1, "")
 
 
 def utc_now() -> tuple[str, int]:
     """Now in UTC: ``YYYY-MM-DDTHH:MM:SS`` and the microseconds."""
-    global _second, _prefix
+    global _formatted
     second, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
-    if second != _second:
-        _prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second = second
-    return _prefix, nanoseconds // 1000
+    formatted_second, prefix = _formatted
+    if second != formatted_second:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _formatted = (second, prefix)
+    return prefix, nanoseconds // 1000
 
 
 def iso_milliseconds() -> str:

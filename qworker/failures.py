@@ -161,7 +161,7 @@ class ErrorInfo:
         )
         if site is not None:
             if len(_SITES) >= SITES_KEPT:
-                del _SITES[next(iter(_SITES))]  # the oldest
+                _SITES.pop(next(iter(_SITES)), None)  # the oldest
             _SITES[site] = info
         return info
 
