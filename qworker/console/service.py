@@ -61,6 +61,7 @@ from qworker.dlq.probes import queue_depth
 from qworker.dlq.records import queue_name_problem
 from qworker.errors import (
     BadTarget,
+    BrokerStalled,
     BrokerUnavailable,
     BrowseRefused,
     ConfigurationError,
@@ -783,7 +784,7 @@ def _translated() -> Iterator[None]:
         raise Refused(redact(str(exc))) from None
     except (BadTarget, FilterError) as exc:
         raise Invalid(_api_names(redact(str(exc)))) from None
-    except (BrokerUnavailable, ManagementError) as exc:
+    except (BrokerUnavailable, BrokerStalled, ManagementError) as exc:
         raise Unavailable(redact(str(exc))) from None
     except (ConnectionError, aiormq.exceptions.AMQPConnectionError) as exc:
         raise Unavailable(f"lost the connection to the broker: {redact(str(exc))}") from None

@@ -119,7 +119,7 @@ class Cursor:
         self._idle_mark = (-1, 0.0)
 
     async def __aenter__(self) -> Cursor:
-        self.depth = await queue_depth(self._connection, self.queue)
+        self.depth = await queue_depth(self._connection, self.queue, strict=True)
         if self.guard is None:
             self.guard = await delivery_guard(self._connection, self.queue)
         self.guard.check_open()

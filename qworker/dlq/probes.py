@@ -18,7 +18,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
 from qworker.dlq import management
-from qworker.errors import BrowseRefused, ManagementError, QueueNotFound
+from qworker.errors import BrokerStalled, BrowseRefused, ManagementError, QueueNotFound
 from qworker.redact import mask_url
 from qworker.topology import dead_letter_queue
 
@@ -92,20 +92,28 @@ async def queue_stat(connection: AbstractConnection, name: str) -> QueueStat:
     )
 
 
-async def queue_depth(connection: AbstractConnection, name: str) -> int:
+async def queue_depth(connection: AbstractConnection, name: str, *, strict: bool = False) -> int:
     """Ready messages in ``name``; raises :class:`QueueNotFound` if it does not exist.
 
     A zero that may be a busy quorum leader's timeout answer (:attr:`QueueStat.suspect`)
-    is asked again, up to :data:`DEPTH_ATTEMPTS` times, before it is believed.
+    is asked again, up to :data:`DEPTH_ATTEMPTS` times, before it is believed; with
+    ``strict`` it is not believed at all: :class:`BrokerStalled` is raised instead (a
+    reader must not report an empty queue that the broker only failed to count).
     """
     pause = 0.05
-    for _ in range(DEPTH_ATTEMPTS - 1):
+    for attempt in range(DEPTH_ATTEMPTS):
         stat = await queue_stat(connection, name)
         if not stat.suspect:
             return stat.ready
-        await asyncio.sleep(pause)
-        pause = min(2 * pause, 1.0)
-    return (await queue_stat(connection, name)).ready
+        if attempt < DEPTH_ATTEMPTS - 1:
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 1.0)
+    if strict:
+        raise BrokerStalled(
+            f"RabbitMQ did not say how many messages {name!r} holds: {DEPTH_ATTEMPTS} answers "
+            f"of 0 came late, as a quorum queue's busy leader answers; try again"
+        )
+    return stat.ready
 
 
 async def safety(connection: AbstractConnection, name: str) -> Safety:

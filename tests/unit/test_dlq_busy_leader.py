@@ -104,3 +104,19 @@ async def test_queue_depth_asks_again_about_a_suspect_zero(
         # The first answer (after 0.25 s) says 0; asked again after the silence: N.
         assert await queue_depth(connection, DLQ) == N
         await connection.close()
+
+
+async def test_a_pass_does_not_report_an_empty_queue_the_broker_only_failed_to_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(probes, "DEPTH_ATTEMPTS", 2)
+    async with MemoryBroker() as broker:
+        connection = await aio_pika.connect(broker.url)
+        await _filled(connection)
+        broker.busy_leader(DLQ, 5.0)
+        with pytest.raises(BrokerStalled, match="did not say how many messages"):
+            async with Cursor(connection, DLQ, window=10):
+                pass
+        broker.state.busy_until.clear()
+        assert await queue_depth(connection, DLQ) == N
+        await connection.close()
