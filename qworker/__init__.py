@@ -20,6 +20,7 @@ import qworker.wire  # noqa: F401  (first: installs the type-preserving AMQP cod
 from qworker.errors import (
     BadRecord,
     BadTarget,
+    BrokerStalled,
     BrokerUnavailable,
     BrowseRefused,
     ConfigurationError,
@@ -52,6 +53,7 @@ __all__ = [
     "App",
     "BadRecord",
     "BadTarget",
+    "BrokerStalled",
     "BrokerUnavailable",
     "BrowseRefused",
     "CircuitBreaker",
