@@ -92,6 +92,7 @@ class Cursor:
         window: int = 1000,
         guard: DeliveryGuard | None = None,
         keep_order: bool = False,
+        budget: int | None = None,
     ) -> None:
         self.queue = queue
         self.guard = guard
@@ -102,6 +103,8 @@ class Cursor:
         self._connection = connection
         self._window = max(1, min(window, MAX_WINDOW))
         self._current_window = self._window
+        #: At most this many deliveries in all (None: no limit); see :func:`select`.
+        self._budget = budget
         self._buffer: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
         self._channel: AbstractChannel | None = None
         self._underlay: aiormq.abc.AbstractChannel | None = None
@@ -260,11 +263,19 @@ class Cursor:
 
     async def _roll(self) -> None:
         """Replace a consumer that has used its whole window by a fresh one."""
-        assert self._underlay is not None and self._tag is not None
+        assert self._underlay is not None
+        if self._tag is None:
+            return  # the budget was spent: nothing more is asked for
         await self._underlay.basic_cancel(self._tag)
-        if self._current_window != self._window:
-            self._current_window = self._window
-            await self._underlay.basic_qos(prefetch_count=self._window)
+        window = self._window
+        if self._budget is not None:
+            window = min(window, self._budget - self._delivered)
+            if window <= 0:
+                self._tag = None  # every delivery wanted has come: no further consumer
+                return
+        if self._current_window != window:
+            self._current_window = window
+            await self._underlay.basic_qos(prefetch_count=window)
         await self._consume()
 
     async def next(self, timeout: float) -> Held | None:  # noqa: ASYNC109
@@ -301,6 +312,8 @@ class Cursor:
         Breaking out and iterating again resumes where the last iteration stopped.
         """
         while self._seen < self.depth:
+            if self._budget is not None and self._seen >= self._budget:
+                return  # no more will be delivered
             held = await self.next(IDLE_SECONDS)
             if held is None:
                 if await self._ran_dry():
@@ -385,7 +398,13 @@ async def select(
     before giving everything back (see :meth:`Cursor._hold_rest`), so that a quorum
     queue keeps its order; it costs a delivery per message of the queue.
     """
+    budget = None
     if limit is not None and chosen.empty and not keep_order:
-        window = min(window, limit)
-    async with Cursor(connection, queue, window=window, keep_order=keep_order) as cursor:
+        # Exactly ``limit`` deliveries: a pass that took more than it shows would give the
+        # extra back too, and on a quorum DLQ a later, shorter pass would then move the
+        # head (returned messages queue up behind those returned before).
+        window = budget = min(window, limit)
+    async with Cursor(
+        connection, queue, window=window, keep_order=keep_order, budget=budget
+    ) as cursor:
         yield Selection(cursor, chosen, limit, await safety(connection, queue))

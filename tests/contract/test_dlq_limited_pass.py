@@ -1,0 +1,59 @@
+"""A limited pass without a filter (``qworker dlq show --limit N``) delivers exactly N.
+
+Messages delivered but not shown are given back with the shown ones; on a quorum DLQ the
+returned messages queue up, in the order returned, ahead of the rest. When the extra count
+varied with timing (a consumer started ahead of need), a second, shorter-by-chance pass moved
+the head: repeated ``show`` runs on a 10,000-message DLQ showed ``m-000021`` first after 17
+runs. Runs on the in-memory broker and on RabbitMQ (``tests/contract/conftest.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from qworker import dlq
+from qworker.testing.inmemory import MemoryBroker
+from qworker.topology import dead_letter_queue
+
+N = 60
+SHOWN = 20
+
+
+@pytest.fixture
+async def broker(transport: str, request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """The URL of a broker of the case's transport (a fresh in-memory one, or RabbitMQ)."""
+    if transport == "rabbitmq":
+        yield str(request.getfixturevalue("broker_url"))
+        return
+    async with MemoryBroker() as memory:
+        yield memory.url
+
+
+async def test_repeated_limited_passes_deliver_only_what_they_show(broker: str, queue: str) -> None:
+    dlq_queue = f"{queue}.dlq"
+    connection = await aio_pika.connect(broker)
+    channel = await connection.channel()
+    spec = dead_letter_queue(dlq_queue, "quorum")
+    await channel.declare_queue(dlq_queue, durable=True, arguments=spec.arguments)
+    try:
+        for i in range(N):
+            await channel.default_exchange.publish(
+                aio_pika.Message(b"{}", message_id=f"m-{i:02d}"), routing_key=dlq_queue
+            )
+        for _ in range(4):
+            shown: list[Any] = []
+            await dlq.browse(connection, dlq_queue, shown.append, limit=SHOWN)
+            assert [d.message_id for d in shown] == [f"m-{i:02d}" for i in range(SHOWN)]
+        every: list[Any] = []
+        await dlq.browse(connection, dlq_queue, every.append)
+        assert [d.message_id for d in every] == [f"m-{i:02d}" for i in range(N)]
+        # Only the shown ones were ever delivered: the rest carry no delivery count.
+        delivered_before = [d.message_id for d in every if "x-delivery-count" in d.headers]
+        assert delivered_before == [f"m-{i:02d}" for i in range(SHOWN)]
+    finally:
+        await channel.queue_delete(dlq_queue)
+        await connection.close()
