@@ -10,6 +10,9 @@ shows it only at a size no test can fill.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
 import aio_pika
 import pytest
 
@@ -40,83 +43,76 @@ def test_only_a_late_zero_with_no_consumer_may_be_the_brokers_timeout(
     assert QueueStat(ready, consumers, seconds).suspect is suspect
 
 
-async def _filled(connection: aio_pika.abc.AbstractConnection) -> None:
-    channel = await connection.channel()
-    await channel.declare_queue(DLQ, durable=True, arguments={"x-queue-type": "quorum"})
-    for i in range(N):
-        await channel.default_exchange.publish(
-            aio_pika.Message(b"{}", message_id=f"m-{i}"), routing_key=DLQ
-        )
-    await channel.close()
+@dataclass
+class Setup:
+    broker: MemoryBroker
+    connection: aio_pika.abc.AbstractConnection
 
 
-async def test_a_pass_reads_every_message_through_a_busy_leader(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+async def filled(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Setup]:
+    """A fresh in-memory broker with N messages in the quorum queue DLQ, and a connection.
+
+    Idle checks come every 0.2 s, and a probe takes one answer (the cursor's own rule must
+    hold, not queue_depth's retries); tests change more where they need to.
+    """
     monkeypatch.setattr(cursor_module, "IDLE_SECONDS", 0.2)
-    # One answer per probe: the cursor's own rule must hold, not queue_depth's retries.
     monkeypatch.setattr(probes, "DEPTH_ATTEMPTS", 1)
     async with MemoryBroker() as broker:
         connection = await aio_pika.connect(broker.url)
-        await _filled(connection)
-        seen: list[str | None] = []
-        async with Cursor(connection, DLQ, window=10) as cursor:
-            async for held in cursor:
-                seen.append(held.dead_letter.message_id)
-                if len(seen) == 15:
-                    # Idle checks fall inside the silence: each is answered "0, 0" late.
-                    broker.busy_leader(DLQ, 1.0)
-        assert seen == [f"m-{i}" for i in range(N)]
-        assert await queue_depth(connection, DLQ) == N  # all given back
-        await connection.close()
-
-
-async def test_a_silence_longer_than_the_stall_limit_ends_the_pass_with_a_clear_error(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(cursor_module, "IDLE_SECONDS", 0.2)
-    monkeypatch.setattr(cursor_module, "STALL_SECONDS", 0.6)
-    monkeypatch.setattr(cursor_module, "RETURN_SECONDS", 0.3)
-    monkeypatch.setattr(probes, "DEPTH_ATTEMPTS", 1)
-    async with MemoryBroker() as broker:
-        connection = await aio_pika.connect(broker.url)
-        await _filled(connection)
-        read = 0
-        with pytest.raises(BrokerStalled, match=r"delivered nothing from 'orders\.dlq'") as stalled:
-            async with Cursor(connection, DLQ, window=10) as cursor:
-                async for _ in cursor:
-                    read += 1
-                    if read == 15:
-                        broker.busy_leader(DLQ, 30.0)
-        assert "of 60 read" in str(stalled.value)
+        channel = await connection.channel()
+        await channel.declare_queue(DLQ, durable=True, arguments={"x-queue-type": "quorum"})
+        for i in range(N):
+            await channel.default_exchange.publish(
+                aio_pika.Message(b"{}", message_id=f"m-{i}"), routing_key=DLQ
+            )
+        await channel.close()
+        yield Setup(broker, connection)
         broker.state.busy_until.clear()  # the leader answers again: nothing was lost
         assert await queue_depth(connection, DLQ) == N
         await connection.close()
 
 
-async def test_queue_depth_asks_again_about_a_suspect_zero(
-    monkeypatch: pytest.MonkeyPatch,
+async def test_a_pass_reads_every_message_through_a_busy_leader(filled: Setup) -> None:
+    seen: list[str | None] = []
+    async with Cursor(filled.connection, DLQ, window=10) as cursor:
+        async for held in cursor:
+            seen.append(held.dead_letter.message_id)
+            if len(seen) == 15:
+                # Idle checks fall inside the silence: each is answered "0, 0" late.
+                filled.broker.busy_leader(DLQ, 1.0)
+    assert seen == [f"m-{i}" for i in range(N)]
+
+
+async def test_a_silence_longer_than_the_stall_limit_ends_the_pass_with_a_clear_error(
+    filled: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with MemoryBroker() as broker:
-        connection = await aio_pika.connect(broker.url)
-        await _filled(connection)
-        broker.busy_leader(DLQ, 0.3)
-        # The first answer (after 0.25 s) says 0; asked again after the silence: N.
-        assert await queue_depth(connection, DLQ) == N
-        await connection.close()
+    monkeypatch.setattr(cursor_module, "STALL_SECONDS", 0.6)
+    monkeypatch.setattr(cursor_module, "RETURN_SECONDS", 0.3)
+    read = 0
+    with pytest.raises(BrokerStalled, match=r"delivered nothing from 'orders\.dlq'") as stalled:
+        async with Cursor(filled.connection, DLQ, window=10) as cursor:
+            async for _ in cursor:
+                read += 1
+                if read == 15:
+                    filled.broker.busy_leader(DLQ, 30.0)
+    assert "of 60 read" in str(stalled.value)
+
+
+async def test_queue_depth_asks_again_about_a_suspect_zero(
+    filled: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(probes, "DEPTH_ATTEMPTS", 8)
+    filled.broker.busy_leader(DLQ, 0.3)
+    # The first answer (after 0.25 s) says 0; asked again after the silence: N.
+    assert await queue_depth(filled.connection, DLQ) == N
 
 
 async def test_a_pass_does_not_report_an_empty_queue_the_broker_only_failed_to_count(
-    monkeypatch: pytest.MonkeyPatch,
+    filled: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(probes, "DEPTH_ATTEMPTS", 2)
-    async with MemoryBroker() as broker:
-        connection = await aio_pika.connect(broker.url)
-        await _filled(connection)
-        broker.busy_leader(DLQ, 5.0)
-        with pytest.raises(BrokerStalled, match="did not say how many messages"):
-            async with Cursor(connection, DLQ, window=10):
-                pass
-        broker.state.busy_until.clear()
-        assert await queue_depth(connection, DLQ) == N
-        await connection.close()
+    filled.broker.busy_leader(DLQ, 5.0)
+    with pytest.raises(BrokerStalled, match="did not say how many messages"):
+        async with Cursor(filled.connection, DLQ, window=10):
+            pass
