@@ -403,7 +403,7 @@ async def select(
         # Exactly ``limit`` deliveries: a pass that took more than it shows would give the
         # extra back too, and on a quorum DLQ a later, shorter pass would then move the
         # head (returned messages queue up behind those returned before).
-        window = budget = min(window, limit)
+        budget, window = limit, min(window, limit)
     async with Cursor(
         connection, queue, window=window, keep_order=keep_order, budget=budget
     ) as cursor:

@@ -16,6 +16,8 @@ import aio_pika
 import pytest
 
 from qworker import dlq
+from qworker.dlq.cursor import select
+from qworker.dlq.filters import Filter
 from qworker.testing.inmemory import MemoryBroker
 from qworker.topology import dead_letter_queue
 
@@ -54,6 +56,32 @@ async def test_repeated_limited_passes_deliver_only_what_they_show(broker: str, 
         # Only the shown ones were ever delivered: the rest carry no delivery count.
         delivered_before = [d.message_id for d in every if "x-delivery-count" in d.headers]
         assert delivered_before == [f"m-{i:02d}" for i in range(SHOWN)]
+    finally:
+        await channel.queue_delete(dlq_queue)
+        await connection.close()
+
+
+async def test_a_limit_above_the_window_still_takes_exactly_the_limit(
+    broker: str, queue: str
+) -> None:
+    dlq_queue = f"{queue}.dlq"
+    connection = await aio_pika.connect(broker)
+    channel = await connection.channel()
+    spec = dead_letter_queue(dlq_queue, "quorum")
+    await channel.declare_queue(dlq_queue, durable=True, arguments=spec.arguments)
+    try:
+        for i in range(N):
+            await channel.default_exchange.publish(
+                aio_pika.Message(b"{}", message_id=f"m-{i:02d}"), routing_key=dlq_queue
+            )
+        # Windows of 10 (consumers rolled over) up to a limit of 25: 25 shown, 25 delivered.
+        async with select(connection, dlq_queue, Filter(), 25, window=10) as selection:
+            shown = [held.dead_letter.message_id async for held in selection]
+        assert shown == [f"m-{i:02d}" for i in range(25)]
+        every: list[Any] = []
+        await dlq.browse(connection, dlq_queue, every.append)
+        delivered_before = [d.message_id for d in every if "x-delivery-count" in d.headers]
+        assert delivered_before == [f"m-{i:02d}" for i in range(25)]
     finally:
         await channel.queue_delete(dlq_queue)
         await connection.close()
