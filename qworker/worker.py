@@ -22,7 +22,7 @@ from qworker.exclusion import Exclusion
 from qworker.logging import configure_logging
 from qworker.redact import mask_url
 from qworker.serving import Policy
-from qworker.supervisor import child_relay, supervised_child
+from qworker.supervised import child_relay, supervised_child
 from qworker.topology import check, declare
 
 if TYPE_CHECKING:

@@ -6,8 +6,9 @@ misconfigured; 4 (``dlq replay``) the canaries died again. Failures are one line
 stderr, never a traceback. The commands live in submodules; the plumbing they share
 (exit codes, :func:`~qworker.cli._common.fail`, loading APP) in :mod:`qworker.cli._common`.
 
-``run``, ``topology`` and ``console`` are imported only when one of them is invoked
-(or listed by ``--help``): a ``dlq`` command needs neither the worker nor the console.
+Every command is imported only when it is invoked (or listed by ``--help``): a ``dlq``
+command needs neither the worker nor the console, and ``run`` needs none of the DLQ
+tool (its management-API client alone loads OpenSSL's digests through ``urllib.request``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from collections.abc import Mapping
 
 import click
 
-from qworker.cli.dlq import dlq
-
 #: The commands imported when first needed: name -> ``module:attribute``.
 LAZY_COMMANDS: Mapping[str, str] = {
     "console": "qworker.cli.console:console",
+    "dlq": "qworker.cli.dlq:dlq",
     "run": "qworker.cli.run:run",
     "topology": "qworker.cli.run:topology",
 }
@@ -46,9 +46,6 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="qworker")
 def cli() -> None:
     """RabbitMQ workers that fail well, and the tool to inspect and replay dead letters."""
-
-
-cli.add_command(dlq)
 
 
 def main() -> None:

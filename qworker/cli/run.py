@@ -118,10 +118,10 @@ def run(
     of never-ready workers within 60 s) or an unclean drain; 2 or 3
     a worker failed to start with that code (1 for any other start failure).
     """
-    from qworker import supervisor
+    from qworker import supervised
 
     configure_logging(log_format, log_level)  # type: ignore[arg-type]
-    metrics = metrics_port is not None or supervisor.metrics_requested()
+    metrics = metrics_port is not None or supervised.metrics_requested()
     if metrics:
         try:
             from qworker.metrics import Metrics
@@ -136,6 +136,8 @@ def run(
     except ConfigurationError as exc:
         fail(str(exc), EXIT_USAGE)
     if processes > 1:
+        from qworker import supervisor  # only here: a lone worker needs none of it
+
         options = [("--queues", queues), ("--prefetch", prefetch), ("--log-format", log_format)]
         command = [sys.executable, "-m", "qworker", "run", app_spec]
         command += ["--concurrency", str(concurrency), "--grace", repr(grace)]
@@ -180,7 +182,7 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        async with supervisor.supervised(worker):
+        async with supervised.supervised(worker):
             if metrics_port is None:
                 await worker.run()
                 return

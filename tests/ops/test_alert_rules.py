@@ -13,16 +13,15 @@ from qworker import App
 from qworker.alerts import Alert, DlqDepthRule, DlqSample, FingerprintRule, RateRule
 from qworker.errors import ConfigurationError
 from qworker.events import Outcome, OutcomeKind, Severity
-from qworker.supervisor import (
+from qworker.supervised import (
     ENV_DIR,
     ENV_OUTCOMES,
-    Limits,
     OutcomeRelay,
-    Supervisor,
     child_relay,
     decode_outcomes,
     encode_outcome,
 )
+from qworker.supervisor import Limits, Supervisor
 
 
 def dead(queue: str = "q", fingerprint: str | None = "abc123abc123", **extra: object) -> Outcome:

@@ -365,7 +365,10 @@ def test_acks_sent_remove_exactly_the_requested_messages(
 @pytest.mark.parametrize("module", ["qworker.cli.dlq", "qworker.cli._dlq_options", "qworker.dlq"])
 def test_each_dlq_module_can_be_imported_first(module: str) -> None:
     """qworker.cli and the dlq CLI import each other; any of them may be imported first."""
-    check = f"import {module}; from qworker.cli import cli; print(cli.commands['dlq'].commands)"
+    check = (
+        f"import {module}, click; from qworker.cli import cli; "
+        "print(cli.get_command(click.Context(cli), 'dlq').commands)"
+    )
     done = run_python(check)
     assert done.returncode == 0, done.stderr
     assert "replay" in done.stdout
