@@ -284,6 +284,11 @@ def _apply_rules(text: str) -> str:
 def redact(text: str) -> str:
     """Return ``text`` with secrets replaced by ``***``."""
     if len(text) <= _REMEMBERED_LENGTH:
+        if not text.strip(_INERT_EITHER_CASE):
+            # A message id, a hex id, a number: nothing to redact (see _INERT), and not
+            # remembered, since each one is new (a worker logs a fresh message id per
+            # failure, which would fill the cache with texts never asked for again).
+            return text
         return _redact_remembered(text)
     return _redact(text)
 
@@ -308,6 +313,8 @@ def _redact(text: str) -> str:
 #: Characters that no trigger is made of alone: a text of only these (a uuid, a hex id, a
 #: number, a version) holds no trigger. Checked at import (and by a unit test).
 _INERT = "0123456789abcdef-.:+ "
+#: The ASCII characters whose lower case is in :data:`_INERT`.
+_INERT_EITHER_CASE = _INERT + "ABCDEF"
 assert all(set(word) - set(_INERT) for word in _TRIGGERS), "a trigger is made of _INERT alone"
 #: Short texts are remembered: a worker logs the same queue, handler, target and severity
 #: with every failure. Values are the redacted texts, so at most ~1,024 x 256 characters.

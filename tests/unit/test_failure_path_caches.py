@@ -9,6 +9,7 @@ computation.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ from qworker import fingerprint as fp
 from qworker import headers as h
 from qworker.errors import Permanent
 from qworker.logging import add_timestamp
-from qworker.redact import _INERT, _TRIGGERS, _apply_rules, redact
+from qworker.redact import _INERT, _TRIGGERS, _apply_rules, _redact_remembered, redact
 
 
 def _fresh(exc: BaseException) -> failures.ErrorInfo:
@@ -141,6 +142,20 @@ def test_no_trigger_is_made_of_inert_characters_alone() -> None:
 def test_id_like_text_is_returned_as_is(text: str) -> None:
     """Uuids, hex ids and numbers skip the rules, which would not change them either."""
     assert redact(text) == _apply_rules(text) == text
+
+
+def test_id_like_text_is_not_remembered() -> None:
+    """A worker logs a new message id with every failure: ids must not fill the cache (and
+    push out the queue and handler names it is for); other short texts are remembered."""
+    ids = [uuid.uuid4().hex for _ in range(50)] + [str(uuid.uuid4()).upper(), "12.5", ""]
+    before = _redact_remembered.cache_info()
+    assert [redact(text) for text in ids] == ids
+    after = _redact_remembered.cache_info()
+    assert (after.hits, after.misses) == (before.hits, before.misses)
+    assert redact("orders.dlq handler") == "orders.dlq handler"
+    assert _redact_remembered.cache_info().misses + _redact_remembered.cache_info().hits == (
+        after.misses + after.hits + 1
+    )
 
 
 @given(st.text(max_size=300))
