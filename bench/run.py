@@ -43,8 +43,14 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CONTENDERS = os.path.join(HERE, "contenders")
-RESULTS = os.path.join(HERE, "results")
+RESULTS = os.environ.get("BENCH_RESULTS_DIR") or os.path.join(HERE, "results")
 LOGS = os.path.join(RESULTS, "logs")
+#: Packages structlog imports at start-up when they are installed (its deprecated
+#: ``threadlocal`` tries greenlet; ``dev`` imports colorama, and colorama ctypes). None is a
+#: qworker dependency, but where one is installed (greenlet comes with SQLAlchemy's asyncio
+#: support and with playwright, colorama with awscli) a qworker worker carries it: ~1.5 MiB
+#: of RSS for both here. The results say which were importable.
+STRUCTLOG_OPTIONAL = ("greenlet", "colorama")
 PROFILES = os.path.join(HERE, "profiles")
 QWORKER = ("qworker_c", "qworker_classic_c")
 BASELINE = "raw_aiopika"
@@ -119,17 +125,30 @@ def peers_bench(env: dict[str, str], argv: list[str]) -> int:
     return subprocess.run(cmd, env=env, cwd=harness_dir()).returncode
 
 
+def interpreter() -> dict:
+    """Which Python ran the benchmark, and which of :data:`STRUCTLOG_OPTIONAL` it can import
+    (each one is in a qworker worker's peak RSS where it is installed)."""
+    import importlib.util
+
+    present = [name for name in STRUCTLOG_OPTIONAL if importlib.util.find_spec(name)]
+    return {"prefix": sys.prefix, "executable": sys.executable, "structlog_optional": present}
+
+
 def annotate(out_json: str, info: dict, mode: str) -> dict:
     """Record which qworker code was measured, in the JSON and under the Markdown table."""
     with open(out_json) as f:
         doc = json.load(f)
     doc["meta"]["qworker"] = info
     doc["meta"]["runner"] = f"bench/run.py ({mode})"
+    environment = interpreter()
+    doc["meta"]["interpreter"] = environment
     note = (
         f"\nqworker measured: {info.get('source')}"
         f"{' (commit ' + info['commit'][:12] + ')' if info.get('commit') else ''}"
         f"{' + uncommitted changes in qworker/' if info.get('dirty') else ''}; "
-        f"runner: bench/run.py ({mode}).\n"
+        f"runner: bench/run.py ({mode}); interpreter {environment['prefix']}, "
+        f"importable of structlog's optional imports: "
+        f"{', '.join(environment['structlog_optional']) or 'none'}.\n"
     )
     doc["markdown"] += note
     with open(out_json, "w") as f:
