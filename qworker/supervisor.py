@@ -30,6 +30,9 @@ process group, so a terminal's Ctrl-C reaches the supervisor only and it decides
   record per outcome (bounded, 10,000) and a loop callback sends batches without blocking;
   a full socket buffer is retried 50 ms later, a vanished supervisor drops the reports. The
   supervisor alone polls the DLQs (:mod:`qworker.watch`), so their gauges are not summed.
+
+The children's side of all this (the readiness file, the outcome relay) is
+:mod:`qworker.supervised`, which a worker imports without this module.
 """
 
 from __future__ import annotations
