@@ -22,6 +22,7 @@ from qworker.wire._values import (
     _EMPTY_TABLE,
     _F32,
     _F64,
+    _MS_ABOVE,
     _NEG_DEC,
     _U8,
     _U32,
@@ -53,6 +54,11 @@ def _e_wire_int(value: WireInt) -> bytes:
 def _e_int(value: int) -> bytes:
     encoded: bytes = _pencode.table_integer(value)
     return encoded  # smallest type; TypeError outside 64 bits
+
+
+# pamqp's fields for -128..127 (attempt numbers, counts), looked up by ``value + 128``. Both
+# of pamqp's integer modes (``support_deprecated_rabbitmq``) write these as ``b``.
+_SMALL_INT_FIELDS: Final[tuple[bytes, ...]] = tuple(_e_int(i) for i in range(-128, 128))
 
 
 def _e_bool(value: bool) -> bytes:
@@ -104,8 +110,11 @@ def _e_decimal(value: _decimal.Decimal) -> bytes:
     return b"D" + _decimal_payload(value)
 
 
+_LONG_MAX: Final = 0xFFFFFFFF  # longest long string or table
+
+
 def _long(value: bytes) -> bytes:
-    if len(value) > 0xFFFFFFFF:
+    if len(value) > _LONG_MAX:
         raise ValueError("value exceeds 4294967295 bytes")
     return _U32.pack(len(value)) + value
 
@@ -141,7 +150,16 @@ def _timestamp_payload(value: object) -> bytes:
     return _U64.pack(seconds)
 
 
+_EPOCH: Final = _dt.datetime(1970, 1, 1, tzinfo=_UTC)
+
+
 def _same_instant(raw: int, value: _dt.datetime) -> bool:
+    """True when ``raw`` still reads as ``value`` (a ``raw`` set by hand may not)."""
+    if type(value) is Timestamp and type(raw) is int and 0 <= raw <= _MS_ABOVE:
+        # A delivered timestamp in seconds, the usual case: its reading is exactly _EPOCH
+        # plus raw seconds (no float rounding below 2**32), so this is the comparison below
+        # without building a Timestamp. (Exact type only: a subclass may compare its own way.)
+        return _EPOCH + _dt.timedelta(0, raw) == value
     reading = _timestamp(raw)
     return isinstance(reading, _dt.datetime) and reading == value
 
@@ -150,26 +168,58 @@ def _e_timestamp(value: object) -> bytes:
     return b"T" + _timestamp_payload(value)
 
 
+# Table keys: the same names (qworker's, the broker's, a producer's) are encoded for every
+# copy, so their short-string form is remembered. Producers choose keys too, so the memo is
+# bounded: exact ``str`` keys only (a subclass may encode its own way), names that fit a
+# short string only (a longer one is cut and logged each time), and it starts again empty
+# when full rather than grow.
+_KEY_MEMO_SIZE: Final = 4096
+_key_memo: dict[str, bytes] = {}
+
+
+def _encode_key(key: Any) -> bytes:
+    """A table key as a short string: length octet, then the octets (surrogate escapes become
+    the octets they stand for). Remembered as above."""
+    if not isinstance(key, str):
+        raise TypeError(f"table keys must be str, received {type(key)}")
+    name = key.encode("utf-8", "surrogateescape")
+    if len(name) > 255:  # pamqp's behaviour for over-long names
+        LOGGER.warning("Truncating key %s to 128 bytes", key)
+        name = name[:128].decode("utf-8", "ignore").encode("utf-8")
+        return _U8.pack(len(name)) + name
+    encoded = _U8.pack(len(name)) + name
+    if type(key) is str:
+        if len(_key_memo) >= _KEY_MEMO_SIZE:
+            _key_memo.clear()
+        _key_memo[key] = encoded
+    return encoded
+
+
 def _table_payload(value: Any) -> bytes:
     if not value:
         raw = getattr(value, "raw", None) if type(value) is RawTable else None
         return raw if raw is not None else _EMPTY_TABLE
     if not isinstance(value, dict):
         raise TypeError(f"dict required, received {type(value)}")
+    memo = _key_memo
     parts: list[bytes] = []
+    append = parts.append
     for key, item in value.items():
-        if not isinstance(key, str):
-            raise TypeError(f"table keys must be str, received {type(key)}")
-        name = key.encode("utf-8", "surrogateescape")
-        if len(name) > 255:  # pamqp's behaviour for over-long names
-            LOGGER.warning("Truncating key %s to 128 bytes", key)
-            name = name[:128].decode("utf-8", "ignore").encode("utf-8")
-        parts.append(_U8.pack(len(name)))
-        parts.append(name)
-        try:
-            parts.append(encode_value(item))
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{key} error: {exc}") from exc
+        encoded_key = memo.get(key) if type(key) is str else None
+        append(_encode_key(key) if encoded_key is None else encoded_key)
+        # Most failure headers are ASCII text and small counts: written here, the bytes
+        # _e_str and _e_int write, without encode_value's dispatch. Everything else, and
+        # anything that could fail, goes through encode_value (same bytes, same errors).
+        kind = type(item)
+        if kind is str and item.isascii() and len(item) <= _LONG_MAX:
+            append(b"S" + _U32.pack(len(item)) + item.encode("ascii"))
+        elif kind is int and -128 <= item <= 127:
+            append(_SMALL_INT_FIELDS[item + 128])
+        else:
+            try:  # inline, not a helper: a nested table costs no more stack than before
+                append(encode_value(item))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{key} error: {exc}") from exc
     return _long(b"".join(parts))
 
 
