@@ -27,6 +27,7 @@ from qworker import headers as h
 from qworker.backoff import Backoff
 from qworker.context import PublishFunc
 from qworker.delivery import Delivery, message_fields
+from qworker.errors import PublishFailed
 from qworker.events import CircuitState, OutcomeKind, severity_of
 from qworker.exclusion import Exclusion
 from qworker.gate import CircuitControl, Gate
@@ -59,6 +60,14 @@ PULL_IDLE_CEILING = 5.0
 RETURNED_AFTER_INTERNAL_ERROR = Return("message.returned", counted=True)
 #: A copy that could not be published: the original goes back, counted (see ``Return``).
 RETURNED_AFTER_FAILED_MOVE = Return("message.returned", counted=True)
+#: A copy the broker refused (``basic.nack``: a ``reject-publish`` queue at its limit, a quorum
+#: queue electing a leader) is published again after each of these pauses (15.5 s in all) while
+#: the original is held, before the original is given back. Giving it back at once would run
+#: the handler again for a failure that was only the copy's, and count a crash against the
+#: message each time: a retry tier refusing for two seconds made a transient failure a
+#: ``poison`` dead letter (tests/faults/test_cluster.py, a node stopped in a cluster). Held
+#: deliveries stay far below RabbitMQ's ``consumer_timeout`` (30 minutes by default).
+REFUSED_COPY_PAUSES = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 class Consumer:
@@ -374,8 +383,9 @@ class Consumer:
 
         The confirm is awaited as long as the channel lives (a broker in a memory alarm
         blocks publishers: that is waiting, not failing); giving the original back while
-        the copy may still be confirmed would duplicate it. A refused or unroutable copy
-        pauses the queue (back-off) and gives the original back, counted.
+        the copy may still be confirmed would duplicate it. A refused copy is published again
+        (see :data:`REFUSED_COPY_PAUSES`); one that stays refused, an unroutable one or a lost
+        channel pauses the queue (back-off) and gives the original back, counted.
         """
         reason = move.decision.reason.value if move.decision.reason else None
         # The fields of every line about this move, passed to each call rather than bound:
@@ -429,15 +439,31 @@ class Consumer:
     ) -> bool:
         """Publish a copy with ``headers`` to ``target`` on the delivery's channel, wait for the
         confirm, then ack the original; True when done (False: it went back, or was lost)."""
-        if not message.channel_open:
-            self._log.warning("message.settle_lost", **fields, action="move", note=_REDELIVERED)
-            return False
         properties = message.copy_properties(headers, expiration_ms)
-        try:
-            await gate.publisher.publish_body(message.body, properties, target, patient=True)
-        except Exception as exc:  # PublishFailed
-            await self._copy_failed(message, gate, target, exc, fields)
-            return False
+        pauses = iter(REFUSED_COPY_PAUSES)
+        while True:
+            if not message.channel_open:  # the broker has the original back already
+                self._log.warning("message.settle_lost", **fields, action="move", note=_REDELIVERED)
+                return False
+            try:
+                await gate.publisher.publish_body(message.body, properties, target, patient=True)
+                break
+            except Exception as exc:  # PublishFailed
+                refused = isinstance(exc, PublishFailed) and exc.refused
+                pause = next(pauses, None) if refused else None
+                if pause is None:
+                    await self._copy_failed(message, gate, target, exc, fields)
+                    return False
+                self._moves.failed(time.monotonic())  # new deliveries wait too
+                self._log.warning(
+                    "message.move_failed",
+                    **fields,
+                    target=target,
+                    error=str(exc),
+                    backoff=pause,
+                    note=_HELD,
+                )
+                await asyncio.sleep(pause)
         self._moves.succeeded()
         await self._settle(message, "ack")
         return True
@@ -519,3 +545,4 @@ class Consumer:
 
 
 _REDELIVERED = "channel closed; the broker will redeliver the message"
+_HELD = "refused: the original is held and the copy published again after the back-off"

@@ -74,7 +74,18 @@ class HandlerTimeout(TimeoutError, QworkerError):
 
 
 class PublishFailed(QworkerError):
-    """The broker did not confirm a publish (nack, unroutable, timeout or lost channel)."""
+    """The broker did not confirm a publish (nack, unroutable, timeout or lost channel).
+
+    Args:
+        message: What happened, in one line.
+        refused: True when the broker answered ``basic.nack``: the message is certainly not
+            in its queue and the channel still works (a ``reject-publish`` queue at its
+            limit, a quorum queue without a leader), so publishing it again later may work.
+    """
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class BrokerUnavailable(QworkerError):

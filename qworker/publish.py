@@ -125,7 +125,9 @@ class ConfirmedPublisher:
         except TimeoutError:
             raise PublishFailed(f"no confirm within {self._timeout:g}s for {where}") from None
         except aiormq.exceptions.DeliveryError as exc:
-            raise PublishFailed(f"broker refused the message ({where}): {exc!r}") from None
+            raise PublishFailed(
+                f"broker refused the message ({where}): {exc!r}", refused=True
+            ) from None
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
             raise PublishFailed(f"channel lost while publishing to {where}: {exc!r}") from None
         except (TypeError, ValueError, OverflowError) as exc:  # pamqp could not encode it

@@ -165,7 +165,8 @@ async def test_missing_dlq_keeps_the_original_until_the_dlq_is_back(
 async def test_full_dlq_rejecting_publishes_keeps_the_original(
     broker_url: str, queue_name: str, cleanup: list[str], amqp: aio_pika.abc.AbstractConnection
 ) -> None:
-    """A DLQ at max-length with reject-publish nacks the copy: the original is kept and retried."""
+    """A DLQ at max-length with reject-publish nacks the copy: the original is held and the copy
+    published again once the DLQ has room; the handler is not run again for it."""
     app = App(broker_url)
     calls = 0
 
@@ -191,12 +192,61 @@ async def test_full_dlq_rejecting_publishes_keeps_the_original(
         await asyncio.sleep(0.5)  # policies apply asynchronously
         async with running(app):
             await app.publish(queue_name, {"n": 1}, message_id="full-1")
-            await eventually(lambda: _called(lambda: calls, 2), timeout=10)
+            await eventually(lambda: _called(lambda: calls, 1), timeout=10)
+            await asyncio.sleep(1.0)  # the copy, and the first one published again, refused
             _rabbitmqctl("clear_policy", policy)
             dead = await take(amqp, f"{queue_name}.dlq", 1, timeout=20)
     finally:
         subprocess.run(["rabbitmqctl", "-q", "clear_policy", policy], capture_output=True)
     assert "full-1" in [d.message_id for d in dead]
+    assert calls == 1
+    assert h.CRASHES not in dead[0].headers
+    assert await depth(amqp, queue_name) == 0
+
+
+async def test_a_retry_tier_refusing_for_seconds_does_not_make_a_transient_failure_poison(
+    broker_url: str, queue_name: str, cleanup: list[str], amqp: aio_pika.abc.AbstractConnection
+) -> None:
+    """The retry tier refuses copies for 2 s (a quorum tier electing a leader after a node
+    stopped does the same): the original is held and its copy published again, so the retry
+    happens as planned. Before, each refusal gave the original back, each return counted as a
+    crash, and with ``max_deliveries=2`` the message was a ``poison`` dead letter in a second."""
+    app = App(broker_url)
+    attempts: list[int] = []
+    retry = RetryPolicy(max_attempts=3, initial_delay=0.05, jitter=0)
+
+    @app.handler(queue_name, queue_type="classic", retry=retry, max_deliveries=2)
+    async def handle(payload: dict[str, int], ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise ConnectionError("downstream refused the connection")
+
+    cleanup.extend(s.name for s in app.topology())
+    tier = next(s.name for s in app.topology() if s.role == "retry")
+    policy = f"refusing-{queue_name}"
+    await app.declare()
+    _rabbitmqctl(
+        "set_policy",
+        policy,
+        "^" + tier.replace(".", "\\.") + "$",
+        '{"max-length": 0, "overflow": "reject-publish"}',
+        "--apply-to",
+        "queues",
+    )
+    try:
+        await asyncio.sleep(0.5)  # policies apply asynchronously
+        async with running(app):
+            await app.publish(queue_name, {"n": 1}, message_id="refused-1")
+            await eventually(lambda: _called(lambda: len(attempts), 1), timeout=10)
+            await asyncio.sleep(2.0)
+            _rabbitmqctl("clear_policy", policy)
+            await eventually(lambda: _called(lambda: len(attempts), 2), timeout=20)
+            await asyncio.sleep(0.5)  # a wrong extra run would show here
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "clear_policy", policy], capture_output=True)
+    assert attempts == [1, 2]
+    assert await depth(amqp, f"{queue_name}.dlq") == 0
+    assert await depth(amqp, f"{queue_name}.quarantine") == 0
     assert await depth(amqp, queue_name) == 0
 
 
