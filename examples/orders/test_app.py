@@ -156,7 +156,7 @@ async def test_replay_after_the_fixes_charges_everything_and_empties_the_dlq(
         assert await h.dead_letters(QUEUE) == []
 
 
-async def test_refused_retry_copy_returns_the_order_instead_of_losing_it(
+async def test_refused_retry_copy_is_published_again_and_the_order_retried(
     gateway: Gateway,
 ) -> None:
     gateway.down = 1
@@ -167,11 +167,14 @@ async def test_refused_retry_copy_returns_the_order_instead_of_losing_it(
         await h.publish(QUEUE, order("o-6"), message_id="o-6")
         await h.run_until_idle()
 
-        # No retry was scheduled (its copy was refused), so the original was not acked:
-        # it came back after the worker's back-off and was charged.
-        assert h.retried(QUEUE) == []
+        # The refused copy was published again after the worker's back-off while the original
+        # was held (not acked, not given back): the retry happened as planned and the order was
+        # charged on its second attempt, the gateway called once per attempt.
+        [retry] = h.retried(QUEUE)
+        assert retry.message_id == "o-6"
         [charged] = h.handled(QUEUE)
         assert charged.message_id == "o-6"
+        assert charged.attempt == 2
         assert gateway.calls == 2
         assert await h.dead_letters(QUEUE) == []
 
