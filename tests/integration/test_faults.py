@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import subprocess
 from typing import Any
@@ -180,14 +181,7 @@ async def test_full_dlq_rejecting_publishes_keeps_the_original(
     cleanup.extend(s.name for s in app.topology())
     policy = f"full-{queue_name}"
     await app.declare()
-    _rabbitmqctl(
-        "set_policy",
-        policy,
-        f"^{queue_name}\\.dlq$",
-        '{"max-length": 0, "overflow": "reject-publish"}',
-        "--apply-to",
-        "queues",
-    )
+    _refuse_publishes(policy, f"{queue_name}.dlq")
     try:
         await asyncio.sleep(0.5)  # policies apply asynchronously
         async with running(app):
@@ -225,14 +219,7 @@ async def test_a_retry_tier_refusing_for_seconds_does_not_make_a_transient_failu
     tier = next(s.name for s in app.topology() if s.role == "retry")
     policy = f"refusing-{queue_name}"
     await app.declare()
-    _rabbitmqctl(
-        "set_policy",
-        policy,
-        "^" + tier.replace(".", "\\.") + "$",
-        '{"max-length": 0, "overflow": "reject-publish"}',
-        "--apply-to",
-        "queues",
-    )
+    _refuse_publishes(policy, tier)
     try:
         await asyncio.sleep(0.5)  # policies apply asynchronously
         async with running(app):
@@ -252,6 +239,14 @@ async def test_a_retry_tier_refusing_for_seconds_does_not_make_a_transient_failu
 
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True)
+
+
+def _refuse_publishes(policy: str, queue: str) -> None:
+    """Make ``queue`` nack every publish, as a full ``reject-publish`` queue does, through the
+    policy ``policy`` (cleared with ``rabbitmqctl clear_policy``; it applies asynchronously)."""
+    pattern = "^" + re.escape(queue) + "$"
+    limits = '{"max-length": 0, "overflow": "reject-publish"}'
+    _rabbitmqctl("set_policy", policy, pattern, limits, "--apply-to", "queues")
 
 
 async def _called(count: Any, n: int) -> bool:
