@@ -275,7 +275,7 @@ class Consumer:
                     assert task is not None
                     self._tasks[task] = gate  # drained on stop, cancelled with its channel
                     try:
-                        await self._guarded(Delivery(raw), gate)
+                        await self._guarded(Delivery(raw, gate.acks_on(channel)), gate)
                     finally:
                         self._tasks.pop(task, None)
             except asyncio.CancelledError:

@@ -12,11 +12,14 @@ from typing import Any
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
+from qworker.acking import ChannelAcks
+
 
 class Delivery:
     """The body, properties and delivery of one message, and how to settle it."""
 
     __slots__ = (
+        "_acks",
         "_channel",
         "body",
         "delivery_tag",
@@ -27,7 +30,13 @@ class Delivery:
         "routing_key",
     )
 
-    def __init__(self, raw: DeliveredMessage) -> None:
+    def __init__(self, raw: DeliveredMessage, acks: ChannelAcks | None = None) -> None:
+        """
+        Args:
+            raw: The delivery as aiormq read it.
+            acks: Its channel's acks, written together (see :mod:`qworker.acking`); without
+                it, each ack is its own frame.
+        """
         self.body: bytes = raw.body
         self.properties: Basic.Properties = raw.header.properties
         self.headers: dict[str, Any] = self.properties.headers or {}
@@ -38,6 +47,7 @@ class Delivery:
         #: died, lost its channel, or gave it back (worker stopping, breaker open).
         self.redelivered: bool = bool(getattr(raw.delivery, "redelivered", False))
         self._channel: AbstractChannel = raw.channel
+        self._acks = acks
 
     @property
     def message_id(self) -> str | None:
@@ -61,17 +71,25 @@ class Delivery:
         return not self._channel.is_closed
 
     async def ack(self) -> None:
-        """``basic.ack``; acks are not confirmed by AMQP, so the write is not awaited."""
-        await self._channel.basic_ack(self.delivery_tag, wait=False)
+        """``basic.ack``, returning once the frame is queued for the socket (acks are not
+        confirmed by AMQP, so the write itself is not awaited)."""
+        if self._acks is not None:
+            await self._acks.ack(self.delivery_tag)
+        else:
+            await self._channel.basic_ack(self.delivery_tag, wait=False)
 
     async def nack(self, *, requeue: bool = True) -> None:
         """``basic.nack`` (requeue by default): not a failed delivery on RabbitMQ 4.3+."""
         await self._channel.basic_nack(self.delivery_tag, requeue=requeue, wait=False)
+        if self._acks is not None:
+            self._acks.settled(self.delivery_tag)
 
     async def reject(self) -> None:
         """``basic.reject`` with requeue: a failed delivery on every RabbitMQ version
         (a quorum queue counts it toward ``x-delivery-limit``)."""
         await self._channel.basic_reject(self.delivery_tag, requeue=True, wait=False)
+        if self._acks is not None:
+            self._acks.settled(self.delivery_tag)
 
     def copy_properties(
         self, headers: dict[str, Any], expiration_ms: int | None

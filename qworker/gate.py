@@ -22,9 +22,11 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
+import aiormq
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import DeliveredMessage
 
+from qworker.acking import ChannelAcks
 from qworker.breaker import Circuit, CircuitBreaker
 from qworker.delivery import Delivery
 from qworker.events import CircuitState
@@ -55,6 +57,14 @@ class Gate:
         self._on_message = on_message
         self._tag: str | None = None
         self._stopped = False
+        self._acks: ChannelAcks | None = None
+
+    def acks_on(self, underlay: aiormq.abc.AbstractChannel) -> ChannelAcks:
+        """The acks of this gate's channel (``underlay`` is its aiormq channel); one book for
+        every delivery of the channel, consumed or fetched, since tags are per channel."""
+        if self._acks is None:
+            self._acks = ChannelAcks(underlay)
+        return self._acks
 
     @property
     def consuming(self) -> bool:
@@ -67,12 +77,13 @@ class Gate:
             return
         await self.channel.set_qos(prefetch_count=1 if probe else self._prefetch)
         on_message = self._on_message
-
-        async def deliver(raw: DeliveredMessage) -> None:
-            on_message(Delivery(raw), self)
-
         # Straight on aiormq's channel: aio-pika's message wrapper is not needed.
         underlay = await self.channel.get_underlay_channel()
+        acks = self.acks_on(underlay)
+
+        async def deliver(raw: DeliveredMessage) -> None:
+            on_message(Delivery(raw, acks), self)
+
         consume_ok = await underlay.basic_consume(self._queue, deliver)
         self._tag = consume_ok.consumer_tag
 

@@ -1,68 +1,22 @@
-"""Which ack frames to send: consecutive delivery tags go as one ``multiple`` ack. Pure logic.
+"""The DLQ tool's acks: sent in batches (:class:`Acker`), and the frames that give held
+messages back (:class:`Settled`).
 
-A replay removes thousands of messages; one ack frame per message costs a write
-on the client and, on a quorum queue, a Raft command on the broker. A
-``basic.ack(multiple=True)`` for tag T removes every unacked message up to T,
-so it may only be sent when every tag up to T is meant to be acked: messages
-held but not selected (a gap) stop the run, and the tags above a gap are acked
-one by one. T itself must still be unacked, or the broker closes the channel.
+A replay removes thousands of messages; which acks can go as one ``multiple`` ack is
+:class:`qworker.ackbook.AckBook`'s decision, shared with the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiormq
+
+from qworker.ackbook import AckBook, TagRuns
 
 #: Acks are sent when this many are requested, or this many seconds after the first.
 ACK_BATCH = 64
 ACK_DELAY = 0.02
-#: Single acks remembered above a gap; past this, coalescing stops for the cursor.
-SENT_LIMIT = 10_000
-
-
-@dataclass(slots=True)
-class AckBook:
-    """The acks requested on one channel (delivery tags start at 1) and those already sent."""
-
-    floor: int = 0  #: every tag up to here is acked on the wire
-    pending: set[int] = field(default_factory=set)  #: requested, not yet sent
-    sent: set[int] = field(default_factory=set)  #: sent as single acks, above ``floor``
-    coalescing: bool = True
-
-    def add(self, tag: int) -> None:
-        """Request the ack of ``tag``."""
-        self.pending.add(tag)
-
-    def plan(self) -> tuple[int | None, list[int]]:
-        """The frames for every pending ack: a multiple ack up to a tag (or None), then singles.
-
-        The multiple ack covers the run of requested or already acked tags just
-        above ``floor``; its tag is the highest one in the run that is still unacked.
-        """
-        multiple: int | None = None
-        if self.coalescing:
-            while True:
-                above = self.floor + 1
-                if above in self.pending:
-                    self.pending.discard(above)
-                    multiple = above
-                elif above in self.sent:
-                    self.sent.discard(above)
-                else:
-                    break
-                self.floor = above
-        singles = sorted(self.pending)
-        self.pending.clear()
-        if self.coalescing:
-            self.sent.update(singles)
-            if len(self.sent) > SENT_LIMIT:
-                # A permanent gap (a message kept) below them: stop tracking, ack singly.
-                self.sent.clear()
-                self.coalescing = False
-        return multiple, singles
 
 
 class Acker:
@@ -120,34 +74,12 @@ GIVE_BACK_BATCH = 32
 
 
 @dataclass(slots=True)
-class Settled:
+class Settled(TagRuns):
     """The delivery tags acked on one channel, as ascending runs ``[first, last]``.
 
     A replay acks in delivery order with gaps (messages not selected), so this is one
     run per gap, never one entry per message.
     """
-
-    runs: list[list[int]] = field(default_factory=list)
-
-    def add(self, tag: int) -> None:
-        """Note that ``tag`` is acked."""
-        runs = self.runs
-        if runs and runs[-1][0] <= tag <= runs[-1][1] + 1:
-            runs[-1][1] = max(runs[-1][1], tag)
-            return
-        if not runs or tag > runs[-1][1] + 1:
-            runs.append([tag, tag])
-            return
-        # Out of order (rare): insert, then merge with the neighbours it touches.
-        index = bisect.bisect_left(runs, [tag, tag])
-        runs.insert(index, [tag, tag])
-        merged: list[list[int]] = []
-        for run in runs:
-            if merged and run[0] <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], run[1])
-            else:
-                merged.append(run)
-        self.runs = merged
 
     def give_back(self, delivered: int, batch: int = GIVE_BACK_BATCH) -> list[int]:
         """The tags of the ``basic.nack(tag, multiple=True)`` frames that return every

@@ -8,11 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from qworker import headers as h
-from qworker.dlq.acks import SENT_LIMIT, AckBook
 from qworker.dlq.filters import Filter, FilterError, parse_when
 from qworker.dlq.jsonl import BadRecord, dumps, parse_line, read_records
 from qworker.dlq.records import DeadLetter, dead_letter, origin, replay_properties
@@ -297,66 +294,6 @@ def test_bad_record_names_file_and_line(line: str, problem: str) -> None:
         list(read_records(["", line], "dump.jsonl"))
     assert str(caught.value).startswith("dump.jsonl:2: ")
     assert problem in str(caught.value)
-
-
-# Coalesced acks
-
-
-def test_consecutive_acks_become_one_multiple_ack_and_gaps_single_acks() -> None:
-    """1,2 then 4,5 (3 still in flight): multiple up to 2, singles 4 and 5; then 3 alone."""
-    book = AckBook()
-    for tag in (2, 1, 4, 5):
-        book.add(tag)
-    assert book.plan() == (2, [4, 5])
-    book.add(3)
-    assert book.plan() == (3, [])
-    assert book.floor == 5 and not book.sent
-
-
-def test_a_kept_message_below_many_acks_turns_coalescing_off() -> None:
-    """A message never acked (not selected) at tag 1: all later acks go singly, memory bounded."""
-    book = AckBook()
-    tags = range(2, SENT_LIMIT + 3)
-    for tag in tags:
-        book.add(tag)
-    assert book.plan() == (None, list(tags))
-    assert not book.coalescing and not book.sent
-    book.add(SENT_LIMIT + 5)
-    assert book.plan() == (None, [SENT_LIMIT + 5])
-
-
-@given(
-    st.lists(st.tuples(st.integers(1, 60), st.booleans()), max_size=80),
-    st.sets(st.integers(1, 60)),
-)
-def test_acks_sent_remove_exactly_the_requested_messages(
-    steps: list[tuple[int, bool]], kept: set[int]
-) -> None:
-    """Against the broker's rule (a multiple ack removes all up to an unacked tag), whatever
-    the order of requests and flushes, exactly the requested messages are removed."""
-    unacked = set(range(1, 61))
-    requested: set[int] = set()
-    book = AckBook()
-
-    def send() -> None:
-        multiple, singles = book.plan()
-        if multiple is not None:
-            assert multiple in unacked
-            removed = {t for t in unacked if t <= multiple}
-            assert removed <= requested
-            unacked.difference_update(removed)
-        for tag in singles:
-            assert tag in unacked
-            unacked.discard(tag)
-
-    for tag, flush in steps:
-        if tag not in kept and tag not in requested:
-            requested.add(tag)
-            book.add(tag)
-        if flush:
-            send()
-    send()
-    assert unacked == set(range(1, 61)) - requested
 
 
 # Packaging
