@@ -3,24 +3,30 @@
 Handlers finish in bursts: a quorum queue confirms the copies of many failures with one
 frame, and every waiting delivery is then acked within the same turn of the event loop.
 Acked one frame each, that burst costs a frame, a socket write and (on a quorum queue) a
-Raft command per message: in the S3 benchmark the broker's CPU per failure halved when
-they went together (``bench/results/2026-11-30-ack-coalescing.md``).
+Raft command per message (RabbitMQ settles the tags of one ack frame per queue, with one
+``rabbit_queue_type:settle`` call: ``rabbit_channel:settle_acks/2``): in the S3 benchmark
+the broker's CPU per failure halved when they went together
+(``bench/results/2026-11-30-ack-coalescing.md``).
 
-:meth:`ChannelAcks.ack` returns once the ack is in aiormq's write queue, as a single ack
-did: the acks requested in one turn of the loop are written at the start of the next, as a
-``multiple`` ack for the longest run :class:`~qworker.ackbook.AckBook` allows (every tag up
-to it acked now or settled before) and single acks above a gap (a delivery still being
-handled). Rejects and nacks are written at once, as before, and noted so that a later
-multiple ack may cover them.
+The acks booked (:meth:`ChannelAcks.book`) in one turn of the loop are written at the start
+of the next, as a ``multiple`` ack for the longest run :class:`~qworker.ackbook.AckBook`
+allows (every tag up to it acked now or settled before) and single acks above a gap (a
+delivery still being handled). Rejects and nacks are written at once, as before, and noted
+so that a later multiple ack may cover them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import aiormq
+import structlog
 
 from qworker.ackbook import AckBook
+
+_LOG = structlog.get_logger("qworker")
+_CLOSING = "closing the channel so that the broker returns its unacked messages"
 
 
 class ChannelAcks:
@@ -30,48 +36,58 @@ class ChannelAcks:
         channel: The channel the deliveries came on (delivery tags are per channel).
     """
 
-    __slots__ = ("_book", "_channel", "_lock", "_writer", "_written")
+    __slots__ = ("_book", "_channel", "_lock", "_planned", "_writer")
 
     def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
         self._channel = channel
         self._book = AckBook()
-        #: Resolved when the acks requested in this turn of the loop are written.
-        self._written: asyncio.Future[None] | None = None
+        #: The task that writes the acks booked since the last plan (None: none pending).
         self._writer: asyncio.Task[None] | None = None
+        #: The writer that planned and may still be writing (the loop keeps tasks only weakly).
+        self._planned: asyncio.Task[None] | None = None
         # aiormq's write queue holds 10 frames: a write may wait for room, and the frames of
         # the next one must not overtake it (a multiple ack would remove a tag an earlier
         # frame still names, and the broker would close the channel).
         self._lock = asyncio.Lock()
 
-    async def ack(self, tag: int) -> None:
-        """``basic.ack`` ``tag``, with the other acks of this turn of the loop; raises as
-        aiormq's ``basic_ack`` does (e.g. the channel is closed)."""
+    def book(self, tag: int) -> None:
+        """Request ``basic.ack`` of ``tag``: written with the other acks of this turn of the
+        loop, at the start of the next. Raises at once on a closed channel, as aiormq's
+        ``basic_ack`` does.
+
+        Not awaited, like a single ack that aiormq queues for its writer task: the frame is
+        written before the worker can close the connection (it waits at least 0.2 s after
+        the last ack), and if the channel closes first, the broker has the message back
+        either way (the consumer logs ``channel.closed``)."""
         if self._channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{self._channel!r} closed")
         self._book.add(tag)
-        written = self._written
-        if written is None:
-            loop = asyncio.get_running_loop()
-            written = self._written = loop.create_future()
-            self._writer = loop.create_task(self._write(written))  # after this turn's acks
-        # Shielded: one cancelled waiter (the worker stopping) must not cancel the others'.
-        await asyncio.shield(written)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write())
 
-    async def _write(self, written: asyncio.Future[None]) -> None:
-        self._written = None  # acks requested from here on go with the next write
+    async def _write(self) -> None:
+        # Started by the first ack of a turn, so it runs after that turn's other acks.
         try:
             async with self._lock:
-                if self._channel.is_closed:  # an earlier write failed with these acks in it
-                    raise aiormq.exceptions.ChannelInvalidStateError(f"{self._channel!r} closed")
+                # Acks booked from here on need a writer of their own (this one may wait for
+                # room in aiormq's queue after planning).
+                self._planned, self._writer = self._writer, None
                 multiple, singles = self._book.plan()
                 if multiple is not None:
                     await self._channel.basic_ack(multiple, multiple=True, wait=False)
                 for tag in singles:
                     await self._channel.basic_ack(tag, wait=False)
-        except Exception as exc:  # the channel closed: the broker has these messages back
-            written.set_exception(exc)
-            return
-        written.set_result(None)
+        except Exception as exc:
+            if not self._channel.is_closed:  # not the usual cause: say so, rather than wedge
+                _LOG.error("acks.write_failed", error=repr(exc), note=_CLOSING)
+                with contextlib.suppress(Exception):
+                    await self._channel.close()
+            # Else the channel closed: the broker has these messages back.
+
+    async def written(self) -> None:
+        """Wait until every ack booked so far is written (or its channel is gone)."""
+        while pending := [t for t in (self._planned, self._writer) if t and not t.done()]:
+            await asyncio.wait(pending)
 
     def settled(self, tag: int) -> None:
         """``tag`` was rejected or nacked (frame written): a later multiple ack may cover it."""

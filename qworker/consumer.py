@@ -534,13 +534,15 @@ class Consumer:
     async def drain(self, grace: float) -> int:
         """Wait up to ``grace`` s for running handlers, then cancel the rest; returns how many."""
         pending = set(self._tasks)
-        if not pending:
-            return 0
-        _, still = await asyncio.wait(pending, timeout=grace)
-        for task in still:
-            task.cancel()
-        if still:
-            await asyncio.wait(still, timeout=5)
+        still: set[asyncio.Task[None]] = set()
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=5)
+        if self._gate is not None:
+            await self._gate.acks_written()  # booked acks go out before the connection closes
         return len(still)
 
 

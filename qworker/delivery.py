@@ -19,6 +19,7 @@ class Delivery:
     """The body, properties and delivery of one message, and how to settle it."""
 
     __slots__ = (
+        "_acked",
         "_acks",
         "_channel",
         "body",
@@ -48,6 +49,7 @@ class Delivery:
         self.redelivered: bool = bool(getattr(raw.delivery, "redelivered", False))
         self._channel: AbstractChannel = raw.channel
         self._acks = acks
+        self._acked = False
 
     @property
     def message_id(self) -> str | None:
@@ -71,22 +73,32 @@ class Delivery:
         return not self._channel.is_closed
 
     async def ack(self) -> None:
-        """``basic.ack``, returning once the frame is queued for the socket (acks are not
-        confirmed by AMQP, so the write itself is not awaited)."""
-        if self._acks is not None:
-            await self._acks.ack(self.delivery_tag)
-        else:
+        """``basic.ack``; acks are not confirmed by AMQP, so the write is not awaited (with
+        ``acks``, it goes with the other acks of this turn of the loop)."""
+        if self._acks is None:
             await self._channel.basic_ack(self.delivery_tag, wait=False)
+        else:
+            self._acks.book(self.delivery_tag)
+        self._acked = True
 
     async def nack(self, *, requeue: bool = True) -> None:
-        """``basic.nack`` (requeue by default): not a failed delivery on RabbitMQ 4.3+."""
+        """``basic.nack`` (requeue by default): not a failed delivery on RabbitMQ 4.3+.
+        Nothing once acked (see :meth:`reject`)."""
+        if self._acked:
+            return
         await self._channel.basic_nack(self.delivery_tag, requeue=requeue, wait=False)
         if self._acks is not None:
             self._acks.settled(self.delivery_tag)
 
     async def reject(self) -> None:
         """``basic.reject`` with requeue: a failed delivery on every RabbitMQ version
-        (a quorum queue counts it toward ``x-delivery-limit``)."""
+        (a quorum queue counts it toward ``x-delivery-limit``).
+
+        Nothing once acked: a delivery settles once. (Booked acks are written a turn of the
+        loop later; a reject written before the ack would make the broker close the channel
+        when the ack named a tag it no longer holds.)"""
+        if self._acked:
+            return
         await self._channel.basic_reject(self.delivery_tag, requeue=True, wait=False)
         if self._acks is not None:
             self._acks.settled(self.delivery_tag)

@@ -66,6 +66,11 @@ class Gate:
             self._acks = ChannelAcks(underlay)
         return self._acks
 
+    async def acks_written(self) -> None:
+        """Wait until the acks booked on this channel are written (before closing it)."""
+        if self._acks is not None:
+            await self._acks.written()
+
     @property
     def consuming(self) -> bool:
         """A consumer is attached (the breaker may hold it off)."""

@@ -84,12 +84,14 @@ async def test_acks_of_one_moment_become_one_multiple_ack_that_skips_held_delive
     held = {5, 12}
     acked = [t for t in deliveries if t not in held | {8}]
     await asyncio.gather(*(deliveries[t].ack() for t in acked))
+    await acks.written()
 
     assert spy.frames == [(4, True)] + [(t, False) for t in acked if t > 4]
     assert not underlay.is_closed
     await eventually_depth(amqp, queue_name, 1)  # 8, requeued
 
     await deliveries[5].ack()  # below the gap now: the run reaches up to 11
+    await acks.written()
     assert spy.frames[-1] == (5, True)
     assert not underlay.is_closed
     await channel.close()  # 12 was never acked: the broker has it back
@@ -101,7 +103,7 @@ async def test_acks_of_one_moment_become_one_multiple_ack_that_skips_held_delive
 async def test_acks_after_the_channel_closed_raise_so_the_worker_logs_them_lost(
     amqp: aio_pika.abc.AbstractConnection, queue_name: str, cleanup: list[str]
 ) -> None:
-    """An ack requested on a closed channel raises, as aiormq's single ack did."""
+    """An ack booked on a closed channel raises, as aiormq's single ack did."""
     cleanup.append(queue_name)
     channel = await amqp.channel()
     await channel.declare_queue(queue_name, durable=True)
@@ -113,6 +115,30 @@ async def test_acks_after_the_channel_closed_raise_so_the_worker_logs_them_lost(
     with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
         await delivery.ack()
     assert await depth(amqp, queue_name) == 1
+
+
+async def test_a_delivery_settles_once_a_reject_after_its_ack_is_nothing(
+    amqp: aio_pika.abc.AbstractConnection, queue_name: str, cleanup: list[str]
+) -> None:
+    """A delivery acked and then given back (the worker's grace ran out around the ack): the
+    booked ack is written, the reject is not (written first, it would requeue the message,
+    and the ack would then name a tag the broker no longer holds and close the channel)."""
+    cleanup.append(queue_name)
+    channel = await amqp.channel()
+    await channel.declare_queue(queue_name, durable=True)
+    await channel.default_exchange.publish(aio_pika.Message(b"1"), routing_key=queue_name)
+    underlay = await channel.get_underlay_channel()
+    raw = await underlay.basic_get(queue_name)
+    acks = ChannelAcks(underlay)
+    delivery = Delivery(raw, acks)
+    await delivery.ack()
+    await delivery.reject()
+    await delivery.nack()
+    await acks.written()
+    await asyncio.sleep(0.3)
+    assert not underlay.is_closed
+    await channel.close()
+    assert await depth(amqp, queue_name) == 0
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
