@@ -100,17 +100,24 @@ async def test_acks_of_one_moment_become_one_multiple_ack_that_skips_held_delive
     assert await depth(amqp, queue_name) == 0
 
 
-async def test_acks_after_the_channel_closed_raise_so_the_worker_logs_them_lost(
+async def _one_delivery(
     amqp: aio_pika.abc.AbstractConnection, queue_name: str, cleanup: list[str]
-) -> None:
-    """An ack booked on a closed channel raises, as aiormq's single ack did."""
+) -> tuple[aio_pika.abc.AbstractChannel, Delivery, ChannelAcks]:
+    """One message in a fresh queue, fetched (``basic.get``) as a Delivery with its acks."""
     cleanup.append(queue_name)
     channel = await amqp.channel()
     await channel.declare_queue(queue_name, durable=True)
     await channel.default_exchange.publish(aio_pika.Message(b"1"), routing_key=queue_name)
     underlay = await channel.get_underlay_channel()
-    raw = await underlay.basic_get(queue_name)
-    delivery = Delivery(raw, ChannelAcks(underlay))
+    acks = ChannelAcks(underlay)
+    return channel, Delivery(await underlay.basic_get(queue_name), acks), acks
+
+
+async def test_acks_after_the_channel_closed_raise_so_the_worker_logs_them_lost(
+    amqp: aio_pika.abc.AbstractConnection, queue_name: str, cleanup: list[str]
+) -> None:
+    """An ack booked on a closed channel raises, as aiormq's single ack did."""
+    channel, delivery, _ = await _one_delivery(amqp, queue_name, cleanup)
     await channel.close()
     with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
         await delivery.ack()
@@ -123,20 +130,13 @@ async def test_a_delivery_settles_once_a_reject_after_its_ack_is_nothing(
     """A delivery acked and then given back (the worker's grace ran out around the ack): the
     booked ack is written, the reject is not (written first, it would requeue the message,
     and the ack would then name a tag the broker no longer holds and close the channel)."""
-    cleanup.append(queue_name)
-    channel = await amqp.channel()
-    await channel.declare_queue(queue_name, durable=True)
-    await channel.default_exchange.publish(aio_pika.Message(b"1"), routing_key=queue_name)
-    underlay = await channel.get_underlay_channel()
-    raw = await underlay.basic_get(queue_name)
-    acks = ChannelAcks(underlay)
-    delivery = Delivery(raw, acks)
+    channel, delivery, acks = await _one_delivery(amqp, queue_name, cleanup)
     await delivery.ack()
     await delivery.reject()
     await delivery.nack()
     await acks.written()
     await asyncio.sleep(0.3)
-    assert not underlay.is_closed
+    assert not channel.is_closed
     await channel.close()
     assert await depth(amqp, queue_name) == 0
 
