@@ -84,10 +84,19 @@ class ChannelAcks:
                     await self._channel.close()
             # Else the channel closed: the broker has these messages back.
 
-    async def written(self) -> None:
-        """Wait until every ack booked so far is written (or its channel is gone)."""
+    async def written(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait until every ack booked so far is queued for the socket, at most ``timeout``
+        seconds (a connection that died under a writer never frees room in its queue).
+
+        Args:
+            timeout: The longest wait, in seconds.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
         while pending := [t for t in (self._planned, self._writer) if t and not t.done()]:
-            await asyncio.wait(pending)
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            await asyncio.wait(pending, timeout=left)
 
     def settled(self, tag: int) -> None:
         """``tag`` was rejected or nacked (frame written): a later multiple ack may cover it."""

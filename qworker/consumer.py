@@ -52,6 +52,10 @@ from qworker.verdict import (
 if TYPE_CHECKING:
     from qworker.tracing import ConsumerSpan
 
+#: The longest a stop waits for booked acks to be queued (they are, at once, unless the
+#: connection died under them).
+ACKS_WRITTEN_TIMEOUT = 5.0
+
 #: Seconds between two looks at an empty quarantine (a passive declare each), growing to
 #: the ceiling while it stays empty; a quarantine move by this process wakes it at once.
 PULL_INTERVAL = 0.5
@@ -542,7 +546,9 @@ class Consumer:
             if still:
                 await asyncio.wait(still, timeout=5)
         if self._gate is not None:
-            await self._gate.acks_written()  # booked acks go out before the connection closes
+            # Booked acks go out before the connection closes (bounded: a dead connection
+            # never frees room for them).
+            await self._gate.acks_written(ACKS_WRITTEN_TIMEOUT)
         return len(still)
 
 

@@ -66,10 +66,10 @@ class Gate:
             self._acks = ChannelAcks(underlay)
         return self._acks
 
-    async def acks_written(self) -> None:
-        """Wait until the acks booked on this channel are written (before closing it)."""
+    async def acks_written(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Wait (at most ``timeout`` s) until the acks booked on this channel are written."""
         if self._acks is not None:
-            await self._acks.written()
+            await self._acks.written(timeout)
 
     @property
     def consuming(self) -> bool:

@@ -84,14 +84,14 @@ async def test_acks_of_one_moment_become_one_multiple_ack_that_skips_held_delive
     held = {5, 12}
     acked = [t for t in deliveries if t not in held | {8}]
     await asyncio.gather(*(deliveries[t].ack() for t in acked))
-    await acks.written()
+    await acks.written(5)
 
     assert spy.frames == [(4, True)] + [(t, False) for t in acked if t > 4]
     assert not underlay.is_closed
     await eventually_depth(amqp, queue_name, 1)  # 8, requeued
 
     await deliveries[5].ack()  # below the gap now: the run reaches up to 11
-    await acks.written()
+    await acks.written(5)
     assert spy.frames[-1] == (5, True)
     assert not underlay.is_closed
     await channel.close()  # 12 was never acked: the broker has it back
@@ -134,7 +134,7 @@ async def test_a_delivery_settles_once_a_reject_after_its_ack_is_nothing(
     await delivery.ack()
     await delivery.reject()
     await delivery.nack()
-    await acks.written()
+    await acks.written(5)
     await asyncio.sleep(0.3)
     assert not channel.is_closed
     await channel.close()
