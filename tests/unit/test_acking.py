@@ -9,6 +9,7 @@ import time
 from typing import Any, cast
 
 import aiormq
+from structlog.testing import capture_logs
 
 from qworker.acking import ChannelAcks
 
@@ -39,3 +40,33 @@ async def test_a_stop_waits_for_booked_acks_at_most_its_timeout() -> None:
     for task in asyncio.all_tasks():
         if task is not asyncio.current_task():
             cast(Any, task).cancel()
+
+
+class _FailingChannel:
+    """A channel still open whose ack writes fail (not the usual closed-channel cause)."""
+
+    def __init__(self) -> None:
+        self.is_closed = False
+        self.closed_by_us = False
+
+    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
+        raise RuntimeError("frame queue broken")
+
+    async def close(self) -> None:
+        self.closed_by_us = True
+        self.is_closed = True
+
+
+async def test_a_failed_ack_write_on_an_open_channel_is_logged_and_closes_the_channel() -> None:
+    """Booked acks that cannot be written must not leave their messages unacked on a live
+    channel forever: the channel is closed, so the broker gives them back (duplicates, never
+    a wedge), and the failure is logged once."""
+    channel = _FailingChannel()
+    acks = ChannelAcks(cast(aiormq.abc.AbstractChannel, channel))
+    with capture_logs() as logs:
+        acks.book(1)
+        await asyncio.wait_for(acks.written(1), 5)
+    assert channel.closed_by_us
+    assert [(e["event"], "frame queue broken" in e["error"]) for e in logs] == [
+        ("acks.write_failed", True)
+    ]
