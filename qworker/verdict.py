@@ -156,8 +156,8 @@ def admit(redelivered: bool, handler: Handler, incoming: dict[str, Any]) -> Quar
         )
     poison = PoisonMessage(
         f"delivered {crashes} times without an outcome (max_deliveries={limit}): the worker "
-        "running it died each time (a crash, an OOM kill, kill -9) or was stopped before it "
-        "finished; not run again"
+        "running it died each time (a crash, an OOM kill, kill -9), lost its connection or was "
+        "stopped before it finished; not run again"
     )
     decision = Decision(Action.DEAD_LETTER, Classification.PERMANENT, Reason.POISON)
     return Run(h.read_attempt(incoming) + 1, poison, 0.0, decision)

@@ -156,3 +156,56 @@ async def test_a_delivery_given_back_once_is_quarantined_run_alone_and_handled(
         await eventually(lambda: worker.connections >= 2, 20)
         await eventually(lambda: {"slow", *others} <= handled, 30)
     assert alone_check == [[], []]
+
+
+async def test_deliveries_waiting_for_a_quarantined_run_are_not_run_after_their_channel_closed(
+    broker_url: str,
+    queue_name: str,
+    cleanup: list[str],
+    amqp: aio_pika.abc.AbstractConnection,
+) -> None:
+    """While a quarantined delivery runs alone, the handler's other deliveries wait. When the
+    connection dies then, the quarantined run is cancelled and the wait ends; a waiting
+    delivery must not run on its dead channel (the broker has it back: it would run twice, a
+    duplicate the fault suite counted by the dozen). Each runs once, after its redelivery."""
+    app = App(broker_url, name=f"waiting-{queue_name}")
+    alone = asyncio.Event()
+    runs: dict[str, int] = {}
+
+    @app.handler(queue_name)
+    async def handle(payload: dict[str, str], ctx: Context) -> None:
+        message_id = ctx.message_id or "?"
+        runs[message_id] = runs.get(message_id, 0) + 1
+        if message_id == "alone" and runs[message_id] == 1:
+            alone.set()
+            await asyncio.sleep(60)  # its worker's connection dies meanwhile
+
+    cleanup.extend(s.name for s in app.topology())
+    waiting = [f"waiting-{n}" for n in range(4)]
+    async with running(app, concurrency=4) as worker:
+        # A delivery that came back once already: the quarantine runs it alone.
+        channel = await amqp.channel()
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"{}", message_id="alone", headers={h.CRASHES: 1}),
+            routing_key=f"{queue_name}.quarantine",
+        )
+        await asyncio.wait_for(alone.wait(), 20)
+        for message_id in waiting:
+            await app.publish(queue_name, {"k": "v"}, message_id=message_id)
+
+        async def all_delivered() -> bool:  # to the worker, which holds them unstarted
+            declared = await channel.declare_queue(queue_name, passive=True)
+            return declared.declaration_result.message_count == 0
+
+        for _ in range(100):
+            if await all_delivered():
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.2)
+        assert all(m not in runs for m in waiting), runs  # they wait for the quarantined run
+        assert await asyncio.to_thread(_close_connections_of, app.name) >= 1
+        await eventually(lambda: worker.connections >= 2, 20)
+        await eventually(lambda: all(m in runs for m in waiting) and runs["alone"] >= 2, 30)
+        await asyncio.sleep(0.5)  # a second run on the dead channel would come at once
+        await channel.close()
+    assert {m: runs[m] for m in waiting} == dict.fromkeys(waiting, 1)
