@@ -112,7 +112,8 @@ class Runner:
         failures: list[Failure],
         decisions: list[Decision],
     ) -> None:
-        """Run up to ``allowed`` times while failures are worth retrying in-process (tenacity).
+        """Run up to ``allowed`` times while failures are worth retrying in-process (tenacity)
+        and the delivery's channel is open.
 
         Every failure is appended to ``failures`` and its decision to ``decisions``,
         the last one included.
@@ -123,7 +124,10 @@ class Runner:
                 return False
             decision = self._decide(exc, failed_before + len(failures))
             decisions.append(decision)
-            return decision.action is Action.RETRY and decision.requested_delay is None
+            immediate = decision.action is Action.RETRY and decision.requested_delay is None
+            # Not once the delivery's channel closed: the broker has the message back, and a
+            # run here would only duplicate the one its redelivery gets.
+            return immediate and message.channel_open
 
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(allowed), retry=retry_if_exception(worth_retrying), reraise=True

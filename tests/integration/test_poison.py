@@ -15,7 +15,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from qworker import App, Context, Observer, Outcome, OutcomeKind
+from qworker import App, Context, Observer, Outcome, OutcomeKind, RetryPolicy
 from qworker import headers as h
 from qworker.testing import running
 from tests.support.broker import eventually, take
@@ -209,3 +209,33 @@ async def test_deliveries_waiting_for_a_quarantined_run_are_not_run_after_their_
         await asyncio.sleep(0.5)  # a second run on the dead channel would come at once
         await channel.close()
     assert {m: runs[m] for m in waiting} == dict.fromkeys(waiting, 1)
+
+
+async def test_no_immediate_retry_runs_once_the_channel_closed(
+    broker_url: str, queue_name: str, cleanup: list[str]
+) -> None:
+    """An immediate (in-process) retry is not run once the delivery's channel closed: the
+    broker has the message back, and the retry would duplicate the run its redelivery gets.
+    The failure's copy is not published either (``message.settle_lost``); the redelivered
+    message runs again from the same attempt and succeeds."""
+    app = App(broker_url, name=f"immediate-{queue_name}")
+    attempts: list[int] = []
+    workers: list[Any] = []  # the running worker, for its connection count
+
+    @app.handler(
+        queue_name, retry=RetryPolicy(max_attempts=5, immediate=2), transient=(ConnectionError,)
+    )
+    async def handle(payload: dict[str, str], ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if len(attempts) == 1:
+            assert await asyncio.to_thread(_close_connections_of, app.name) >= 1
+            await eventually(lambda: workers[0].connections >= 2, 20)  # the old channel is gone
+            raise ConnectionError("downstream refused (the worker's connection died meanwhile)")
+
+    cleanup.extend(s.name for s in app.topology())
+    async with running(app) as worker:
+        workers.append(worker)
+        await app.publish(queue_name, {"k": "v"}, message_id="m")
+        await eventually(lambda: len(attempts) >= 2, 30)
+        await asyncio.sleep(0.5)  # an in-process retry on the dead channel would come at once
+    assert attempts == [1, 1]
