@@ -97,7 +97,9 @@ class Server:
         run = await self._runner.run(payload, message, failed_before)
         if circuit is not None:
             self._count_for_breaker(circuit, run, probe=route is Route.PROBE)
-        if wants_fallback(run, handler):
+        # Not once the delivery's channel closed: the broker has the message back, and its
+        # redelivery will run the handler (and, if it fails again, the fallback) once more.
+        if wants_fallback(run, handler) and message.channel_open:
             run = await self._fallback(payload, message, run)
         return route, run
 

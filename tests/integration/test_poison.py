@@ -239,3 +239,33 @@ async def test_no_immediate_retry_runs_once_the_channel_closed(
         await eventually(lambda: len(attempts) >= 2, 30)
         await asyncio.sleep(0.5)  # an in-process retry on the dead channel would come at once
     assert attempts == [1, 1]
+
+
+async def test_no_fallback_runs_once_the_channel_closed(
+    broker_url: str, queue_name: str, cleanup: list[str]
+) -> None:
+    """The fallback of a delivery whose channel closed while its handler ran is not run: the
+    broker has the message back, and its redelivery runs the handler, then the fallback,
+    once more. The fallback runs once in all."""
+    app = App(broker_url, name=f"fallback-{queue_name}")
+    runs: list[str] = []
+    workers: list[Any] = []
+
+    async def fallback(payload: dict[str, str], ctx: Context) -> None:
+        runs.append("fallback")
+
+    @app.handler(queue_name, retry=RetryPolicy(max_attempts=1), fallback=fallback)
+    async def handle(payload: dict[str, str], ctx: Context) -> None:
+        runs.append("handler")
+        if len(runs) == 1:
+            assert await asyncio.to_thread(_close_connections_of, app.name) >= 1
+            await eventually(lambda: workers[0].connections >= 2, 20)  # the old channel is gone
+        raise ConnectionError("downstream refused")
+
+    cleanup.extend(s.name for s in app.topology())
+    async with running(app) as worker:
+        workers.append(worker)
+        await app.publish(queue_name, {"k": "v"}, message_id="m")
+        await eventually(lambda: "fallback" in runs, 30)
+        await asyncio.sleep(0.5)  # a fallback on the dead channel would come at once
+    assert runs == ["handler", "handler", "fallback"]
