@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -44,6 +45,26 @@ def _close_connections_of(app_name: str) -> int:
             )
             closed += 1
     return closed
+
+
+async def _reconnected_after_close(app: App, worker: Any) -> None:
+    """Close the worker's connection from the broker, then wait until the worker has connected
+    again: the old connection's channels are gone for sure."""
+    connections = worker.connections
+    assert await asyncio.to_thread(_close_connections_of, app.name) >= 1
+    await eventually(lambda: worker.connections > connections, 20)
+
+
+async def _handle_one(
+    app: App, queue_name: str, workers: list[Any], done: Callable[[], bool]
+) -> None:
+    """Run ``app``'s worker (appended to ``workers``), publish one message, wait until
+    ``done()``, then half a second more: a run on a dead channel would come at once."""
+    async with running(app) as worker:
+        workers.append(worker)
+        await app.publish(queue_name, {"k": "v"}, message_id="m")
+        await eventually(done, 30)
+        await asyncio.sleep(0.5)
 
 
 class _Outcomes(Observer):
@@ -228,16 +249,11 @@ async def test_no_immediate_retry_runs_once_the_channel_closed(
     async def handle(payload: dict[str, str], ctx: Context) -> None:
         attempts.append(ctx.attempt)
         if len(attempts) == 1:
-            assert await asyncio.to_thread(_close_connections_of, app.name) >= 1
-            await eventually(lambda: workers[0].connections >= 2, 20)  # the old channel is gone
+            await _reconnected_after_close(app, workers[0])
             raise ConnectionError("downstream refused (the worker's connection died meanwhile)")
 
     cleanup.extend(s.name for s in app.topology())
-    async with running(app) as worker:
-        workers.append(worker)
-        await app.publish(queue_name, {"k": "v"}, message_id="m")
-        await eventually(lambda: len(attempts) >= 2, 30)
-        await asyncio.sleep(0.5)  # an in-process retry on the dead channel would come at once
+    await _handle_one(app, queue_name, workers, lambda: len(attempts) >= 2)
     assert attempts == [1, 1]
 
 
@@ -258,14 +274,9 @@ async def test_no_fallback_runs_once_the_channel_closed(
     async def handle(payload: dict[str, str], ctx: Context) -> None:
         runs.append("handler")
         if len(runs) == 1:
-            assert await asyncio.to_thread(_close_connections_of, app.name) >= 1
-            await eventually(lambda: workers[0].connections >= 2, 20)  # the old channel is gone
+            await _reconnected_after_close(app, workers[0])
         raise ConnectionError("downstream refused")
 
     cleanup.extend(s.name for s in app.topology())
-    async with running(app) as worker:
-        workers.append(worker)
-        await app.publish(queue_name, {"k": "v"}, message_id="m")
-        await eventually(lambda: "fallback" in runs, 30)
-        await asyncio.sleep(0.5)  # a fallback on the dead channel would come at once
+    await _handle_one(app, queue_name, workers, lambda: "fallback" in runs)
     assert runs == ["handler", "handler", "fallback"]
