@@ -30,6 +30,7 @@ from qworker.delivery import Delivery, message_fields
 from qworker.errors import PublishFailed
 from qworker.events import CircuitState, OutcomeKind, severity_of
 from qworker.exclusion import Exclusion
+from qworker.failures import release_frames
 from qworker.gate import CircuitControl, Gate
 from qworker.handler import Handler
 from qworker.publish import ConfirmedPublisher
@@ -340,6 +341,10 @@ class Consumer:
                     runbooks=self._policy.runbooks,
                     trace=span.copy_headers() if span is not None else None,
                 )
+                if isinstance(verdict, Move) and run is not None and run.error is not None:
+                    # Captured as text (verdict.error): the handler's frames need not wait
+                    # for the copy's confirm.
+                    release_frames(run.error)
                 done = await self.apply(message, gate, verdict, run)
                 if span is not None:
                     span.settled(verdict, run, done)

@@ -83,6 +83,21 @@ def _chain(exc: BaseException) -> list[tuple[BaseException, str]]:
     return chain
 
 
+def release_frames(exc: BaseException) -> None:
+    """Drop the tracebacks of ``exc`` and its chained causes, once captured as text.
+
+    A traceback keeps every frame between the raise and the catch alive, and with them the
+    handler's locals: its payload, its context, whatever it had loaded. A failure waiting for
+    its copy's confirm held all of it (about 1.5 KiB per failure in flight in the peer
+    benchmark's handler; ``bench/results/2026-11-30-frames.md``). Once :class:`ErrorInfo`
+    has captured the failure (redacted, capped), that text is its one record: the headers,
+    the log line and the trace span all use it. Releasing also stops an exception instance
+    raised again and again (a module-level constant) from growing its traceback each time.
+    """
+    for error, _ in _chain(exc):
+        error.__traceback__ = None
+
+
 def format_traceback(exc: BaseException) -> str:
     """The traceback of ``exc`` with its chained causes, laid out like the interpreter's.
 

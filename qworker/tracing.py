@@ -44,7 +44,7 @@ from typing import Any
 from qworker import headers as h
 from qworker.delivery import Delivery
 from qworker.events import OutcomeKind
-from qworker.failures import error_type_name
+from qworker.failures import ErrorInfo
 from qworker.logging import trace_ids_from
 from qworker.verdict import Ack, Move, Quarantine, Run, Verdict
 
@@ -213,9 +213,22 @@ class ConsumerSpan:
             span.set_attribute("qworker.classification", run.decision.classification.value)
         if run.error is None:
             return
-        span.record_exception(run.error, attributes={"qworker.outcome": outcome})
+        # The failure as the headers and the log line have it: redacted and capped. The SDK's
+        # record_exception would write str(exc) and the raw traceback (secrets included), and
+        # a moved delivery's frames are released by now (qworker.failures.release_frames).
+        error = verdict.error if isinstance(verdict, Move) else ErrorInfo.from_exception(run.error)
+        span.add_event(
+            "exception",
+            {
+                "exception.type": error.error_type,
+                "exception.message": error.message,
+                "exception.stacktrace": error.traceback,
+                "exception.escaped": "False",
+                "qworker.outcome": outcome,
+            },
+        )
         if outcome == OutcomeKind.DEAD_LETTERED.value:
-            span.set_attribute("error.type", error_type_name(run.error))
+            span.set_attribute("error.type", error.error_type)
             reason = run.decision.reason.value if run.decision and run.decision.reason else None
             span.set_status(trace.StatusCode.ERROR, f"dead-lettered ({reason})")
 

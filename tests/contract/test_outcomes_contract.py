@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from qworker import App, Context, Retry
+from qworker import App, Context, Permanent, Retry
 from qworker import headers as hd
 from tests.contract.conftest import Run
 from tests.contract.helpers import Order, fast, kinds
@@ -319,3 +320,41 @@ async def test_a_timeout_then_a_quick_attempt_succeeds(
         assert kinds(h.outcomes, "m-1") == [("retried", 1, "50ms"), ("succeeded", 2, None)]
         (retried,) = h.retried(queue)
         assert retried.error_type == "qworker.errors.HandlerTimeout"
+
+
+class _Loaded:
+    """Something a handler loaded (a local of its frame)."""
+
+
+async def test_a_moved_failure_releases_the_handlers_frames_and_keeps_its_traceback_text(
+    make_app: Callable[..., App], run: Run, queue: str
+) -> None:
+    """Once the failure is captured as text, the exception (and its chained cause) lets go of
+    the handler's frames, so their locals do not wait for the copy's confirm; the text keeps
+    them: the dead letter's traceback names the handler's line and the cause's."""
+    app = make_app()
+    raised: list[BaseException] = []
+    loaded: list[weakref.ref[_Loaded]] = []
+
+    @app.handler(queue, retry=fast())
+    async def handle(payload: dict[str, int], ctx: Context) -> None:
+        held = _Loaded()
+        loaded.append(weakref.ref(held))
+        try:
+            raise KeyError("row-7")
+        except KeyError as cause:
+            error = Permanent("bad row")
+            raised.append(error)
+            raise error from cause
+
+    async with run(app) as h:
+        await h.publish(queue, {"n": 1}, message_id="m-1")
+        await h.run_until_idle()
+        dl = await h.assert_dead_lettered("m-1", queue=queue, reason="permanent_error")
+        text = dl.headers[hd.ERROR_TRACEBACK]
+        assert 'raise KeyError("row-7")' in text and "raise error from cause" in text, text
+        assert "The above exception was the direct cause" in text
+    (error,) = raised
+    assert error.__traceback__ is None and error.__cause__ is not None
+    assert error.__cause__.__traceback__ is None
+    assert [ref() for ref in loaded] == [None]

@@ -342,6 +342,42 @@ def test_only_a_dead_letter_sets_status_error(
     )
 
 
+def _raised(exc: Exception) -> Exception:
+    """``exc`` with a traceback, as a handler leaves it."""
+    try:
+        raise exc
+    except Exception as caught:
+        return caught
+
+
+@pytest.mark.parametrize("moved", [True, False])
+def test_the_exception_event_has_the_redacted_text_of_the_headers_never_the_raw_one(
+    traced: tracing.Tracing, exporter: InMemorySpanExporter, moved: bool
+) -> None:
+    """A span is exported like a log line: the exception event carries the failure as the
+    dead letter's headers have it (type, redacted message, redacted traceback), whether the
+    verdict captured it (a move) or not (a fallback that served)."""
+    exc = _raised(ConnectionError("cannot reach amqp://orders:hunter2@db.internal/x"))
+    error = ErrorInfo.from_exception(exc)
+    verdict: Verdict = (
+        Move("t", {}, None, OutcomeKind.DEAD_LETTERED, None, 0.0, error, _DEAD)
+        if moved
+        else Ack("message.fallback_served")
+    )
+    span = traced.consuming(delivery({}), "q", "m:f")
+    span.settled(verdict, Run(1, exc, 0.0, _DEAD), True)
+    span.end()
+    (finished,) = exporter.get_finished_spans()
+    (event,) = finished.events
+    attributes = dict(event.attributes or {})
+    assert "hunter2" not in repr(attributes)
+    assert attributes["exception.type"] == "builtins.ConnectionError"
+    assert attributes["exception.message"] == error.message
+    assert "hunter2" not in error.message and "db.internal" in error.message
+    assert attributes["exception.stacktrace"] == error.traceback
+    assert "in _raised" in error.traceback
+
+
 def test_publishing_injects_the_producer_span_context(
     traced: tracing.Tracing, exporter: InMemorySpanExporter
 ) -> None:
