@@ -38,6 +38,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
+from qworker.dlq import probes
 from qworker.dlq.acks import Acker, Settled
 from qworker.dlq.filters import Filter
 from qworker.dlq.probes import (
@@ -136,7 +137,44 @@ class Cursor:
             self._current_window = 1
             await self._underlay.basic_qos(prefetch_count=1)
         await self._consume()
+        if self.depth == 0:
+            try:
+                await self._confirm_empty()
+            except BaseException:
+                await self.close()  # no consumer may stay behind, holding what comes later
+                raise
         return self
+
+    async def _confirm_empty(self) -> None:
+        """Believe an opening "0 ready" only from an answer that counts this cursor's consumer.
+
+        RabbitMQ answers "0 messages, 0 consumers" at once, not only late, when a quorum
+        queue has no leader to ask, e.g. just after a node restart
+        (``rabbit_quorum_queue:stat/2`` maps ``{error, _}`` and a failed call to
+        ``{ok, 0, 0}``: 3.10.8, 4.1.0; 4.3 also a leader it cannot find), and
+        :func:`~qworker.dlq.probes.queue_depth` distrusts only late zeros. With the consumer
+        registered, a real answer counts it: the depth is then what that answer has ready
+        plus what was delivered meanwhile. One passive declare more for an empty queue.
+
+        Raises:
+            BrokerStalled: :data:`~qworker.dlq.probes.DEPTH_ATTEMPTS` answers without a
+                consumer (about 4 s): the broker cannot say what the queue holds.
+        """
+        pause = 0.05
+        attempts = probes.DEPTH_ATTEMPTS
+        for attempt in range(attempts):
+            stat = await queue_stat(self._connection, self.queue)
+            if stat.consumers > 0:
+                self.depth = stat.ready + self._delivered
+                return
+            if attempt < attempts - 1:
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 1.0)
+        raise BrokerStalled(
+            f"RabbitMQ did not say how many messages {self.queue!r} holds: {attempts} "
+            "answers of 0 did not count this reader's consumer, as a quorum queue without a "
+            "leader answers (a node restarting?); try again"
+        )
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -349,16 +349,19 @@ async def settled_depth(connection: AbstractConnection, queue: str) -> int:
     return count
 
 
-async def back(node: RabbitNode, queues: list[str], at_least: int) -> None:
+async def back(node: RabbitNode, queues: list[str], at_least: int) -> int:
     """Wait until ``queues`` hold ``at_least`` messages between them again after a boot: a quorum
-    queue answers a passive declare with 0 messages for a second or so while it recovers."""
+    queue answers a passive declare with 0 messages for a second or so while it recovers.
+    Returns the last count (below ``at_least`` after 30 s: lost or still held messages, which
+    the final count names)."""
     connection = await aio_pika.connect(node.url, timeout=10)
     try:
         deadline = time.monotonic() + 30
-        while sum([await depth(connection, queue) for queue in queues]) < at_least:
+        while (seen := sum([await depth(connection, queue) for queue in queues])) < at_least:
             if time.monotonic() > deadline:
-                return  # lost messages: the final count says which
+                break
             await asyncio.sleep(0.1)
+        return seen
     finally:
         await connection.close()
 
@@ -451,6 +454,8 @@ class ReadKills:
     page_recovered: list[int]
     page_ids: list[str] | None
     page_offset: int
+    #: What the DLQ held (ready) before the page was asked again, after the second boot.
+    page_back: int
     left: Counter[str] = field(default_factory=Counter)
 
 
@@ -518,7 +523,7 @@ async def read_kills(node: ConsoleNode) -> ReadKills:
                 page_hit = await page
                 page_settled = await settled(c)
                 await restart(node)
-                await back(node, [dlq], SCANNED)
+                page_back = await back(node, [dlq], SCANNED)
                 page_recovered, reread = await until_answered(c, messages, deep)
                 page_ids = [r["message_id"] for r in reread.json()] if reread is not None else None
         left = (await holdings(node, dlq))[dlq]
@@ -541,6 +546,7 @@ async def read_kills(node: ConsoleNode) -> ReadKills:
         page_recovered=page_recovered,
         page_ids=page_ids,
         page_offset=offset,
+        page_back=page_back,
         left=left,
     )
 
@@ -601,7 +607,9 @@ def test_the_console_answers_again_once_the_node_is_back(reads: ReadKills) -> No
     assert reads.page_recovered[-1] == 200, reads.page_recovered
     # Not which 500 messages: a kill mid-read leaves a quorum DLQ in another order (RabbitMQ 3.x
     # requeues what a dead channel held as it likes; docs/dlq.md, "Order").
-    assert reads.page_ids is not None and len(reads.page_ids) == 500
+    assert reads.page_ids is not None and len(reads.page_ids) == 500, (
+        f"{len(reads.page_ids or [])} records; the DLQ showed {reads.page_back} ready before"
+    )
     assert len(set(reads.page_ids)) == 500 and set(reads.page_ids) <= set(reads.ids)
 
 

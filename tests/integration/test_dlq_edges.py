@@ -23,6 +23,8 @@ from click.testing import CliRunner, Result
 from qworker import dlq, failures
 from qworker import headers as h
 from qworker.cli import cli
+from qworker.dlq import cursor as cursor_module
+from qworker.dlq import probes
 from qworker.dlq.cursor import select
 from qworker.dlq.management import ManagementError, queue_info
 from qworker.dlq.probes import FALLBACK_COUNT
@@ -349,6 +351,52 @@ async def test_browse_rolling_more_than_ten_consumers_keeps_the_queue_order(
             assert selection.cursor._consumers > 10
         assert seen == names
         assert await depth(amqp, dlq_name) == 30
+    assert await drain(amqp, dlq_name) == names
+
+
+def quorum_member(queue: str, action: str) -> None:
+    """``ra:<action>`` (``stop_server``, ``restart_server``) for the quorum queue ``queue``'s
+    member on the broker's node: a queue without a leader to ask, as after a node restart."""
+    expression = (
+        f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"/">>, queue, <<"{queue}">>)), '
+        f"ok = ra:{action}(quorum_queues, amqqueue:get_pid(Q))."
+    )
+    subprocess.run(["rabbitmqctl", "eval", expression], check=True, capture_output=True, timeout=60)
+
+
+async def test_a_read_counted_while_the_quorum_dlq_had_no_leader_still_reads_every_message(
+    queue_name: str, cleanup: list[str], amqp: AbstractConnection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RabbitMQ answers a passive declare with "0 messages, 0 consumers" at once while a quorum
+    queue has no leader (``rabbit_quorum_queue:stat/2``). A read that counted the DLQ then, and
+    consumed once the leader was back, showed an empty DLQ (a console page of 0 records after a
+    node restart); it must count again with its consumer registered and read them all."""
+    cleanup.extend(await make_dlq(amqp, queue_name))
+    dlq_name = f"{queue_name}.dlq"
+    names = ids(20)
+    await put(amqp, dlq_name, [(m, failure_headers(queue_name, "x")) for m in names])
+    await asyncio.to_thread(quorum_member, dlq_name, "stop_server")
+    counted_empty = await depth(amqp, dlq_name)
+    real_guard = cursor_module.delivery_guard
+
+    async def leader_back_after_the_count(
+        connection: AbstractConnection, name: str
+    ) -> probes.DeliveryGuard:
+        # Between the cursor's count and its consumer: the leader comes back.
+        await asyncio.to_thread(quorum_member, dlq_name, "restart_server")
+        for _ in range(200):  # at most 10 s
+            if await depth(connection, name) == len(names):
+                break
+            await asyncio.sleep(0.05)
+        return await real_guard(connection, name)
+
+    monkeypatch.setattr(cursor_module, "delivery_guard", leader_back_after_the_count)
+    seen: list[str | None] = []
+    async with select(amqp, dlq_name, dlq.Filter()) as selection:
+        async for held in selection:
+            seen.append(held.dead_letter.message_id)
+    assert counted_empty == 0
+    assert seen == names
     assert await drain(amqp, dlq_name) == names
 
 

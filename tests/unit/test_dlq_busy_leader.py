@@ -116,3 +116,45 @@ async def test_a_pass_does_not_report_an_empty_queue_the_broker_only_failed_to_c
     with pytest.raises(BrokerStalled, match="did not say how many messages"):
         async with Cursor(filled.connection, DLQ, window=10):
             pass
+
+
+async def test_a_pass_opened_while_the_queue_has_no_leader_reads_it_once_the_leader_is_back(
+    filled: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a leader RabbitMQ answers "0, 0" at once (not late): only an answer that counts
+    the pass's own consumer is believed, so a pass opened just after a node restart reads the
+    whole queue rather than reporting it empty."""
+    monkeypatch.setattr(probes, "DEPTH_ATTEMPTS", 8)
+    filled.broker.leader_unavailable(DLQ, 0.5)
+    false_zero = await probes.queue_stat(filled.connection, DLQ)
+    assert (false_zero.ready, false_zero.suspect) == (0, False)  # fast: queue_depth believes it
+    filled.broker.leader_unavailable(DLQ, 0.5)
+    async with Cursor(filled.connection, DLQ, window=10) as cursor:
+        assert cursor.depth == N
+        seen = [held.dead_letter.message_id async for held in cursor]
+    assert seen == [f"m-{i}" for i in range(N)]
+
+
+async def test_a_queue_that_stays_without_a_leader_ends_the_pass_with_a_clear_error(
+    filled: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No answer that counts the consumer: a clear error, and no consumer left behind to hold
+    the messages once the leader is back."""
+    monkeypatch.setattr(probes, "DEPTH_ATTEMPTS", 3)
+    filled.broker.leader_unavailable(DLQ, 5.0)
+    with pytest.raises(BrokerStalled, match="did not count this reader's consumer"):
+        await Cursor(filled.connection, DLQ, window=10).__aenter__()
+    filled.broker.state.busy_until.clear()
+    filled.broker.state.expire_all()  # the leader is back: a consumer left behind gets them now
+    stat = await probes.queue_stat(filled.connection, DLQ)
+    assert (stat.ready, stat.consumers) == (N, 0)
+
+
+async def test_an_empty_queue_is_empty_after_one_more_answer(filled: Setup) -> None:
+    """The extra answer, which counts the consumer, confirms a real zero at once."""
+    channel = await filled.connection.channel()
+    await channel.declare_queue("empty.dlq", durable=True, arguments={"x-queue-type": "quorum"})
+    await channel.close()
+    async with Cursor(filled.connection, "empty.dlq", window=10) as cursor:
+        assert cursor.depth == 0
+        assert [held async for held in cursor] == []

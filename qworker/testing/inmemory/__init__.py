@@ -173,7 +173,22 @@ class MemoryBroker:
         is answered after 0.25 s with 0 messages and 0 consumers: what RabbitMQ (3.10 to
         4.3) answers when a quorum queue's leader, busy with a large queue, misses the
         250 ms of ``rabbit_quorum_queue:stat/1``. Deliveries resume afterwards."""
+        self._silence(queue, seconds, answer_after=None)
+
+    def leader_unavailable(self, queue: str, seconds: float) -> None:
+        """For ``seconds`` (real time), ``queue`` delivers nothing and a passive declare of it
+        is answered at once with 0 messages and 0 consumers: what RabbitMQ answers while a
+        quorum queue has no leader to ask, e.g. in the moments after a node restart
+        (``rabbit_quorum_queue:stat/2`` maps ``{error, _}`` and a failed call to
+        ``{ok, 0, 0}``: 3.10.8, 4.1.0; from 4.3 also a leader it cannot find)."""
+        self._silence(queue, seconds, answer_after=0.0)
+
+    def _silence(self, queue: str, seconds: float, *, answer_after: float | None) -> None:
         self.state.busy_until[queue] = time.monotonic() + seconds
+        if answer_after is None:
+            self.state.stat_answer_after.pop(queue, None)
+        else:
+            self.state.stat_answer_after[queue] = answer_after
         # A little after: the loop may run a timer up to its clock resolution early.
         asyncio.get_running_loop().call_later(seconds + 0.01, self.state.expire_all)
 

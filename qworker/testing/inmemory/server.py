@@ -201,9 +201,10 @@ class Channel:
             self.connection.exclusive.add(queue.name)
         if method.passive and not method.nowait and self.state.busy(queue.name):
             # RabbitMQ's answer when a quorum leader misses the 250 ms of
-            # rabbit_quorum_queue:stat/1: 0 messages and 0 consumers, late.
+            # rabbit_quorum_queue:stat/1: 0 messages and 0 consumers, late (at once when
+            # there is no leader: MemoryBroker.leader_unavailable).
             asyncio.get_running_loop().call_later(
-                BUSY_STAT_SECONDS,
+                self.state.stat_answer_after.get(queue.name, BUSY_STAT_SECONDS),
                 self.connection.send,
                 self.number,
                 commands.Queue.DeclareOk(queue=queue.name, message_count=0, consumer_count=0),

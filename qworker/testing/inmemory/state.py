@@ -170,6 +170,9 @@ class State:
         self.fail_publish: dict[str, int] = {}  # queue -> how many publishes to nack
         self.drop_on_settle: set[str] = set()  # queues whose next settle loses the connection
         self.busy_until: dict[str, float] = {}  # queue -> time.monotonic() its leader answers again
+        #: queue -> how soon a passive declare gets its "0, 0" while busy (default: 0.25 s, the
+        #: busy leader's timeout; 0 for a leader that is not there).
+        self.stat_answer_after: dict[str, float] = {}
 
     # The clock
 
