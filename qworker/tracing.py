@@ -154,6 +154,26 @@ def message_attributes(
     return attributes
 
 
+def exception_event(error: ErrorInfo, outcome: str | None = None) -> dict[str, str]:
+    """The ``exception`` event's attributes for a failure, as the headers have it (redacted,
+    capped): never ``str(exc)`` nor the raw traceback, which the SDK's ``record_exception``
+    would write (secrets included).
+
+    Args:
+        error: The failure, captured.
+        outcome: What became of the delivery (``qworker.outcome``), for a ``process`` span.
+    """
+    attributes = {
+        "exception.type": error.error_type,
+        "exception.message": error.message,
+        "exception.stacktrace": error.traceback,
+        "exception.escaped": "False",
+    }
+    if outcome is not None:
+        attributes["qworker.outcome"] = outcome
+    return attributes
+
+
 if AVAILABLE:
 
     class _HeaderGetter(Getter[Mapping[str, Any]]):
@@ -213,20 +233,10 @@ class ConsumerSpan:
             span.set_attribute("qworker.classification", run.decision.classification.value)
         if run.error is None:
             return
-        # The failure as the headers and the log line have it: redacted and capped. The SDK's
-        # record_exception would write str(exc) and the raw traceback (secrets included), and
-        # a moved delivery's frames are released by now (qworker.failures.release_frames).
+        # A moved delivery's failure was captured by judge, and its frames are released by now
+        # (qworker.failures.release_frames).
         error = verdict.error if isinstance(verdict, Move) else ErrorInfo.from_exception(run.error)
-        span.add_event(
-            "exception",
-            {
-                "exception.type": error.error_type,
-                "exception.message": error.message,
-                "exception.stacktrace": error.traceback,
-                "exception.escaped": "False",
-                "qworker.outcome": outcome,
-            },
-        )
+        span.add_event("exception", exception_event(error, outcome))
         if outcome == OutcomeKind.DEAD_LETTERED.value:
             span.set_attribute("error.type", error.error_type)
             reason = run.decision.reason.value if run.decision and run.decision.reason else None
@@ -272,7 +282,7 @@ class Tracing:
     ) -> Iterator[None]:
         """A producer span around one publish; ``headers`` get its ``traceparent``.
 
-        An exception (``PublishFailed``) is recorded and sets the status to ERROR.
+        An exception (``PublishFailed``) is recorded, redacted, and sets the status to ERROR.
 
         Args:
             headers: The message's headers, written to before the block runs.
@@ -284,13 +294,32 @@ class Tracing:
         attributes = message_attributes(
             "publish", exchange, routing_key, message_id, correlation_id
         )
-        with self.tracer.start_as_current_span(
-            f"publish {destination(exchange, routing_key)}",
-            kind=trace.SpanKind.PRODUCER,
-            attributes=attributes,
-        ):
+        with self._producer(f"publish {destination(exchange, routing_key)}", attributes):
             _W3C.inject(headers)
             yield
+
+    @contextmanager
+    def _producer(
+        self, name: str, attributes: dict[str, Any], links: list[trace.Link] | None = None
+    ) -> Iterator[None]:
+        """A PRODUCER span, current for the block. An exception that leaves the block is
+        recorded redacted (:func:`exception_event`) and sets the status to ERROR with the
+        redacted text; the SDK's own recording (``str(exc)``) is off."""
+        with self.tracer.start_as_current_span(
+            name,
+            kind=trace.SpanKind.PRODUCER,
+            attributes=attributes,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                yield
+            except Exception as exc:
+                error = ErrorInfo.from_exception(exc)
+                span.add_event("exception", exception_event(error))
+                span.set_status(trace.StatusCode.ERROR, f"{error.error_type}: {error.message}")
+                raise
 
     def consuming(self, message: Delivery, queue: str, handler: str) -> ConsumerSpan:
         """Start the ``process`` span of a delivery and make it current (until ``end()``).
@@ -362,9 +391,7 @@ class Tracing:
         attributes["qworker.dlq"] = dlq
         if replay_id:
             attributes["qworker.replay_id"] = replay_id
-        with self.tracer.start_as_current_span(
-            f"replay {dlq}", kind=trace.SpanKind.PRODUCER, attributes=attributes, links=links
-        ):
+        with self._producer(f"replay {dlq}", attributes, links):
             for name in (h.TRACEPARENT, h.TRACESTATE):
                 headers.pop(name, None)  # the dead letter's: the copy carries the replay's
             _W3C.inject(headers)

@@ -386,7 +386,7 @@ def test_publishing_injects_the_producer_span_context(
     with traced.publishing(headers, "q", "", "m-1", None):
         pass
     with pytest.raises(RuntimeError), traced.publishing({}, "q", "", "m-2", None):
-        raise RuntimeError("no confirm")
+        raise RuntimeError("no confirm from amqp://orders:hunter2@rabbit.internal/")
     ok, failed = exporter.get_finished_spans()
     assert ok.context is not None and ok.kind is trace.SpanKind.PRODUCER
     assert headers["traceparent"].split("-")[1:3] == [
@@ -394,6 +394,11 @@ def test_publishing_injects_the_producer_span_context(
         f"{ok.context.span_id:016x}",
     ]
     assert failed.status.status_code is trace.StatusCode.ERROR
+    # Redacted, like everything else qworker exports: status text and the exception event.
+    (event,) = failed.events
+    assert "hunter2" not in f"{failed.status.description} {dict(event.attributes or {})}"
+    assert "rabbit.internal" in str(failed.status.description)
+    assert dict(event.attributes or {})["exception.type"] == "builtins.RuntimeError"
 
 
 def test_replaying_links_the_dead_attempt_and_replaces_the_traceparent(
