@@ -31,9 +31,22 @@ _INT64 = 2**63
 _MAX_DEPTH = 16
 
 
+#: Types JSON takes as they are: most header values (checked by exact type first, because
+#: ``jsonable`` runs for every value of every exported header table, ~28 per dead letter,
+#: and the ``Mapping`` check below is an ABC check).
+_AS_IS = frozenset({str, int, float, bool, type(None)})
+
+
 def jsonable(value: Any) -> Any:
     """A header or property value as JSON: datetimes ISO, bytes UTF-8 or base64, Decimal text,
     a timestamp past year 9999 (:class:`qworker.wire.RawTimestamp`) as its integer seconds."""
+    kind = type(value)
+    if kind in _AS_IS:
+        return value
+    if kind is dict:
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if kind is list:
+        return [jsonable(v) for v in value]
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, RawTimestamp):

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from enum import IntEnum
 from typing import Any
 
 import pytest
 
 from qworker import headers as h
 from qworker.dlq.filters import Filter, FilterError, parse_when
-from qworker.dlq.jsonl import BadRecord, dumps, parse_line, read_records
+from qworker.dlq.jsonl import BadRecord, dumps, jsonable, parse_line, read_records
 from qworker.dlq.records import DeadLetter, dead_letter, origin, replay_properties
 from qworker.dlq.stats import Stats, describe
 from qworker.fingerprint import normalise, top_frame
+from qworker.wire import RawTimestamp
 from tests.support.cli import run_python
 from tests.support.dlq import failure
 
@@ -273,6 +277,49 @@ def test_export_record_round_trips_body_properties_and_headers() -> None:
         assert back.headers["blob"] == base64.b64encode(b"\xff\x00").decode()
         assert back.headers["when"] == NOW.isoformat()
         assert json.loads(line)["body_encoding"] == ("utf-8" if body[0] == ord("{") else "base64")
+
+
+class _Headers(Mapping[str, Any]):
+    """A header table that is a Mapping but not a dict."""
+
+    def __init__(self, items: dict[str, Any]) -> None:
+        self._items = items
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class _Count(IntEnum):
+    ONE = 1
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("text", "text"),
+        (-(2**63), -(2**63)),
+        (1.5, 1.5),
+        (True, True),
+        (None, None),
+        (_Count.ONE, _Count.ONE),  # an int subclass: left to json, as before
+        (NOW, NOW.isoformat()),
+        (RawTimestamp(253402300800), 253402300800),  # past year 9999: integer seconds
+        (b"caf\xc3\xa9", "café"),
+        (bytearray(b"\xff\x00"), base64.b64encode(b"\xff\x00").decode()),
+        (Decimal("1.50"), "1.50"),
+        ({"a": [b"x", {"b": NOW}], 7: None}, {"a": ["x", {"b": NOW.isoformat()}], "7": None}),
+        (_Headers({"k": b"v"}), {"k": "v"}),
+        ((1, b"y"), [1, "y"]),
+    ],
+)
+def test_jsonable_gives_each_header_type_its_json_form(value: Any, expected: Any) -> None:
+    assert jsonable(value) == expected
 
 
 @pytest.mark.parametrize(
