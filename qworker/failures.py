@@ -95,7 +95,9 @@ def release_frames(exc: BaseException) -> None:
     raised again and again (a module-level constant) from growing its traceback each time.
     """
     for error, _ in _chain(exc):
-        error.__traceback__ = None
+        # The C method, not ``error.__traceback__ = None``: that goes through the class's
+        # ``__setattr__``, which a frozen dataclass exception makes raise.
+        BaseException.with_traceback(error, None)
 
 
 def format_traceback(exc: BaseException) -> str:

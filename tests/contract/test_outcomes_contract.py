@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from qworker import App, Context, Permanent, Retry
@@ -358,3 +359,34 @@ async def test_a_moved_failure_releases_the_handlers_frames_and_keeps_its_traceb
     assert error.__traceback__ is None and error.__cause__ is not None
     assert error.__cause__.__traceback__ is None
     assert [ref() for ref in loaded] == [None]
+
+
+@dataclass(frozen=True)
+class _FrozenError(Exception):
+    """An exception whose attributes cannot be set (a frozen dataclass, as some code bases
+    define their errors): ``exc.__traceback__ = None`` raises ``FrozenInstanceError``."""
+
+    order_id: str
+
+
+async def test_a_frozen_exception_is_dead_lettered_like_any_other(
+    make_app: Callable[..., App], run: Run, queue: str
+) -> None:
+    """Releasing the frames must not depend on the exception's own ``__setattr__``."""
+    app = make_app()
+    raised: list[BaseException] = []
+
+    @app.handler(queue, retry=fast(max_attempts=1))
+    async def handle(payload: dict[str, int]) -> None:
+        error = _FrozenError("o-7")
+        raised.append(error)
+        raise error
+
+    async with run(app) as h:
+        await h.publish(queue, {"n": 1}, message_id="m-1")
+        await h.run_until_idle()
+        dl = await h.assert_dead_lettered("m-1", queue=queue)
+        assert dl.error_type is not None and dl.error_type.endswith("_FrozenError")
+        assert "raise error" in dl.headers[hd.ERROR_TRACEBACK]
+    assert kinds(h.outcomes, "m-1") == [("dead_lettered", 1, dl.reason)]
+    assert raised[0].__traceback__ is None
