@@ -44,6 +44,7 @@ from qworker.dlq.filters import Filter
 from qworker.dlq.probes import (
     DeliveryGuard,
     Safety,
+    asked_until,
     close_channel_quietly,
     delivery_guard,
     queue_depth,
@@ -160,21 +161,14 @@ class Cursor:
             BrokerStalled: :data:`~qworker.dlq.probes.DEPTH_ATTEMPTS` answers without a
                 consumer (about 4 s): the broker cannot say what the queue holds.
         """
-        pause = 0.05
-        attempts = probes.DEPTH_ATTEMPTS
-        for attempt in range(attempts):
-            stat = await queue_stat(self._connection, self.queue)
-            if stat.consumers > 0:
-                self.depth = stat.ready + self._delivered
-                return
-            if attempt < attempts - 1:
-                await asyncio.sleep(pause)
-                pause = min(2 * pause, 1.0)
-        raise BrokerStalled(
-            f"RabbitMQ did not say how many messages {self.queue!r} holds: {attempts} "
-            "answers of 0 did not count this reader's consumer, as a quorum queue without a "
-            "leader answers (a node restarting?); try again"
-        )
+        stat = await asked_until(self._connection, self.queue, lambda answer: answer.consumers > 0)
+        if stat is None:
+            raise BrokerStalled(
+                f"RabbitMQ did not say how many messages {self.queue!r} holds: "
+                f"{probes.DEPTH_ATTEMPTS} answers of 0 did not count this reader's consumer, as "
+                "a quorum queue without a leader answers (a node restarting?); try again"
+            )
+        self.depth = stat.ready + self._delivered
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -11,7 +11,7 @@ import contextvars
 import enum
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import aiormq
@@ -100,20 +100,32 @@ async def queue_depth(connection: AbstractConnection, name: str, *, strict: bool
     ``strict`` it is not believed at all: :class:`BrokerStalled` is raised instead (a
     reader must not report an empty queue that the broker only failed to count).
     """
-    pause = 0.05
-    for attempt in range(DEPTH_ATTEMPTS):
-        stat = await queue_stat(connection, name)
-        if not stat.suspect:
-            return stat.ready
-        if attempt < DEPTH_ATTEMPTS - 1:
-            await asyncio.sleep(pause)
-            pause = min(2 * pause, 1.0)
+    stat = await asked_until(connection, name, lambda answer: not answer.suspect)
+    if stat is not None:
+        return stat.ready
     if strict:
         raise BrokerStalled(
             f"RabbitMQ did not say how many messages {name!r} holds: {DEPTH_ATTEMPTS} answers "
             f"of 0 came late, as a quorum queue's busy leader answers; try again"
         )
-    return stat.ready
+    return 0  # every answer was a suspect zero
+
+
+async def asked_until(
+    connection: AbstractConnection, name: str, believed: Callable[[QueueStat], bool]
+) -> QueueStat | None:
+    """Ask ``name`` (:func:`queue_stat`) until an answer is ``believed``, at most
+    :data:`DEPTH_ATTEMPTS` times with pauses of 0.05 s doubling to 1 s (about 4 s in all);
+    that answer, or None when none was."""
+    pause = 0.05
+    for attempt in range(DEPTH_ATTEMPTS):
+        stat = await queue_stat(connection, name)
+        if believed(stat):
+            return stat
+        if attempt < DEPTH_ATTEMPTS - 1:
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 1.0)
+    return None
 
 
 async def safety(connection: AbstractConnection, name: str) -> Safety:
